@@ -1,0 +1,138 @@
+"""FCN-32s, FCN-16s and FCN-8s (Long, Shelhamer, Darrell, CVPR 2015).
+
+Layer names follow the reference Caffe nets (``score_fr``, ``score_pool4``, ``upscore2``...),
+so a trained FCN-32s hands its weights to FCN-16s by name, and FCN-16s to FCN-8s.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fcn_core.models.backbones import build_backbone
+from fcn_core.models.init import bilinear_deconv, zero_
+
+FINAL_UPSCORE = {32: "upscore", 16: "upscore16", 8: "upscore8"}
+
+
+def crop_like(x: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
+    h, w = like.shape[-2:]
+    return x[..., offset : offset + h, offset : offset + w]
+
+
+class FCN(nn.Module):
+    """The skip head over a backbone; subclasses fix the output stride (32, 16 or 8).
+
+    ``learnable_upsampling`` unfreezes the bilinear deconvolutions (frozen in the paper);
+    ``at_once`` is the FCN-8s-at-once variant, which scales pool4 by 0.01 and pool3 by 1e-4
+    so that all skips can be trained together from the start.
+    """
+
+    stride: ClassVar[int]
+
+    def __init__(
+        self,
+        num_classes: int = 21,
+        backbone: str = "vgg16",
+        *,
+        pretrained: bool = False,
+        learnable_upsampling: bool = False,
+        at_once: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.backbone_name = backbone
+        self.at_once = at_once
+        self.backbone = build_backbone(backbone, pretrained)
+        geo = self.backbone.geometry
+        self.geometry = geo
+        c3, c4, c_top = self.backbone.channels
+
+        def up(factor: int) -> nn.ConvTranspose2d:
+            pad = factor // 2 if geo.deconv_padding else 0
+            return bilinear_deconv(num_classes, factor, pad, learnable_upsampling)
+
+        self.score_fr = zero_(nn.Conv2d(c_top, num_classes, 1))
+        if self.stride <= 16:
+            self.upscore2 = up(2)
+            self.score_pool4 = zero_(nn.Conv2d(c4, num_classes, 1))
+        if self.stride == 8:
+            self.upscore_pool4 = up(2)
+            self.score_pool3 = zero_(nn.Conv2d(c3, num_classes, 1))
+        self.add_module(FINAL_UPSCORE[self.stride], up(self.stride))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        geo = self.geometry
+        if geo.pad_to > 1:
+            x = F.pad(x, (0, -w % geo.pad_to, 0, -h % geo.pad_to))
+        pool3, pool4, top = self.backbone(x)
+        score = self.score_fr(top)
+        if self.stride <= 16:
+            score = self.upscore2(score)
+            if self.at_once:
+                pool4 = pool4 * 0.01
+            score = score + crop_like(self.score_pool4(pool4), geo.pool4_offset, score)
+        if self.stride == 8:
+            score = self.upscore_pool4(score)
+            if self.at_once:
+                pool3 = pool3 * 0.0001
+            score = score + crop_like(self.score_pool3(pool3), geo.pool3_offset, score)
+        score = getattr(self, FINAL_UPSCORE[self.stride])(score)
+        offset = geo.final_offset[self.stride]
+        return score[..., offset : offset + h, offset : offset + w]
+
+    @classmethod
+    def from_coarser(cls, coarser: FCN, **kwargs) -> FCN:
+        """Staged initialisation: copy every layer shared with a trained coarser net
+        (FCN-32s -> 16s, 16s -> 8s); the new skip's score layer stays zero, so the new net
+        starts out predicting exactly what the coarser one did."""
+        if coarser.stride <= cls.stride:
+            raise ValueError(
+                f"initialise FCN-{cls.stride}s from a coarser net, not FCN-{coarser.stride}s"
+            )
+        model = cls(coarser.num_classes, coarser.backbone_name, at_once=coarser.at_once, **kwargs)
+        own = model.state_dict()
+        shared = {
+            k: v for k, v in coarser.state_dict().items() if k in own and own[k].shape == v.shape
+        }
+        model.load_state_dict(shared, strict=False)
+        return model
+
+
+class FCN32s(FCN):
+    stride = 32
+
+
+class FCN16s(FCN):
+    stride = 16
+
+    @classmethod
+    def from_fcn32s(cls, fcn32s: FCN32s, **kwargs) -> FCN16s:
+        return cls.from_coarser(fcn32s, **kwargs)
+
+
+class FCN8s(FCN):
+    stride = 8
+
+    @classmethod
+    def from_fcn16s(cls, fcn16s: FCN16s, **kwargs) -> FCN8s:
+        return cls.from_coarser(fcn16s, **kwargs)
+
+
+ARCHITECTURES: dict[str, type[FCN]] = {"fcn32s": FCN32s, "fcn16s": FCN16s, "fcn8s": FCN8s}
+
+
+def build_model(
+    arch: str = "fcn8s", num_classes: int = 21, backbone: str = "vgg16", **kwargs
+) -> FCN:
+    try:
+        cls = ARCHITECTURES[arch]
+    except KeyError:
+        raise ValueError(
+            f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}"
+        ) from None
+    return cls(num_classes, backbone, **kwargs)
