@@ -90,7 +90,7 @@ class VGG16Caffe(nn.Module):
         if len(conv_keys) != len(convs):
             raise ValueError(f"expected 13 VGG16 conv layers, found {len(conv_keys)}")
         with torch.no_grad():
-            for key, conv in zip(conv_keys, convs):
+            for key, conv in zip(conv_keys, convs, strict=True):
                 conv.weight.copy_(state_dict[f"{key}.weight"])
                 conv.bias.copy_(state_dict[f"{key}.bias"])
         for idx, conv in (("0", self.fc6), ("3", self.fc7)):
@@ -134,7 +134,7 @@ def load_in_order(model: nn.Module, source: dict[str, torch.Tensor]) -> None:
     if len(source) != len(target):
         raise ValueError(f"checkpoint has {len(source)} tensors, model expects {len(target)}")
     mapped = {}
-    for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items()):
+    for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items(), strict=True):
         if tensor.shape != ref.shape:
             raise ValueError(
                 f"shape mismatch mapping {src_key} {tuple(tensor.shape)} -> {dst_key} {tuple(ref.shape)}"
