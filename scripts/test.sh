@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The project's one test command (README, .ci/run): install, then run every test.
+# nginx, Prometheus and Chromium come from Debian's packages where apt-get can install them;
+# the tests that need them skip with a visible reason where they are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m pip install -q -e '.[dev]'
+
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  missing=()
+  command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+  command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing ${missing[*]} from Debian's packages"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+       --no-install-recommends "${missing[@]}" >/dev/null) \
+      || echo "could not install ${missing[*]}: the tests that need them will skip"
+  fi
+fi
+
+ruff check .
+python3 -m pytest "$@"
