@@ -162,6 +162,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, help="the final weights file (.safetensors)")
     p.add_argument("--resume", type=Path, help="a last.pt checkpoint to continue exactly")
     p.add_argument("--max-iters", type=int, help="stop each stage after this many iterations")
+    p.add_argument(
+        "--stop-after-epochs",
+        type=int,
+        help="end this run after N epochs, leaving last.pt to --resume (time-boxed jobs)",
+    )
     p.add_argument("--tensorboard", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -295,10 +300,12 @@ def train(args: argparse.Namespace) -> Path | None:
     best_state: dict | None = None
     model: nn.Module | None = None
     started = time.time()
+    epochs_run = 0
 
     for stage, arch in enumerate(args.stages):
         if stage < start_stage:
             continue
+        torch.manual_seed(args.seed + stage)  # new layers' random init replays on resume
         model = make_stage_model(args, arch, stage, model, num_classes)
         if state and stage == start_stage:
             model.load_state_dict(state["model"])
@@ -436,6 +443,11 @@ def train(args: argparse.Namespace) -> Path | None:
                 if best_state is not None:
                     ckpt["best_model"] = best_state
                 atomic_save(ckpt, args.out_dir / "last.pt")
+            epochs_run += 1
+            if args.stop_after_epochs and epochs_run >= args.stop_after_epochs:
+                if ctx.world > 1:
+                    dist.destroy_process_group()
+                return None
         state = None
 
     elapsed = time.time() - started
