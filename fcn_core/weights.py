@@ -189,3 +189,34 @@ def _parse_header(path: Path, header: dict[str, str]) -> WeightsMetadata:
         raise WeightsError(f"{path}: {exc}") from exc
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise WeightsError(f"{path}: metadata is malformed ({exc})") from exc
+
+
+def import_reference_fcn(path: str | Path, arch: str = "fcn8s") -> LoadedWeights:
+    """The reference Caffe FCN-32s/16s/8s VGG16 weights, converted to a PyTorch state dict
+    (layer names as in the Caffe prototxt: ``conv1_1``, ``fc6``, ``score_fr``, ``upscore2``...).
+
+    Those nets were trained on BGR images with the ImageNet mean subtracted on the 0..255
+    scale, so the metadata carries ``CAFFE_VGG16_BGR``; feeding them torchvision's RGB
+    mean/std input costs accuracy silently.
+    """
+    from fcn_core.data.palettes import VOC_CLASSES, VOC_PALETTE
+    from fcn_core.preprocess import CAFFE_VGG16_BGR
+
+    source = import_torch_checkpoint(path)
+    renamed = {
+        (f"backbone.{k}" if k.startswith(("conv", "fc6", "fc7")) else k): v
+        for k, v in source.items()
+    }
+    num_classes = renamed["score_fr.weight"].shape[0] if "score_fr.weight" in renamed else 21
+    model = build_model(arch, num_classes, "vgg16")
+    load_state_dict_checked(model, renamed, str(path))
+    meta = WeightsMetadata(
+        arch=arch,
+        backbone="vgg16",
+        class_names=VOC_CLASSES[:num_classes],
+        palette=VOC_PALETTE[:num_classes],
+        normalization=CAFFE_VGG16_BGR,
+        dataset="PASCAL VOC 2011 train + SBD (reference Caffe model)",
+        notes=f"imported from {Path(path).name}",
+    )
+    return LoadedWeights(model.eval(), meta)
