@@ -1,0 +1,376 @@
+"""The ceiling: what the model alone does on the device, with no HTTP, queue or codec.
+
+Each case times the device work the service must do per batch (normalise a uint8 batch that
+is already on the device, forward, argmax to uint8 labels), so the service's throughput can
+be read as a fraction of it. Achieved TFLOP/s come from a FLOP count of the model
+(``torch.utils.flop_counter`` on the meta device: exact for the convolutions, no forward run),
+and the GPU's own dense matmul rate is measured beside it, so "40 % of peak" means the peak of
+this machine, not a datasheet.
+
+    python -m bench.model --backbone efficientnet_lite0 --sizes 480x360 --batches 1,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.images import DEFAULT_DATA_ROOT, parse_size, photos_of_size
+from bench.machine import MachineInfo, default_device, describe
+from fcn_core.models import build_model
+from fcn_core.models.backbones import default_normalization
+from fcn_core.preprocess import Normalization
+from fcn_core.weights import load_weights
+
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+class ModelCase(BaseModel):
+    width: int
+    height: int
+    batch: int
+    precision: str = "fp32"
+    channels_last: bool = False
+    compiled: bool = False
+
+
+class ModelResult(ModelCase):
+    gflop_per_image: float
+    iters: int
+    images_per_s: float
+    batch_ms_p50: float
+    batch_ms_min: float
+    achieved_tflops: float
+    compile_s: float | None = None  # first call under torch.compile (tracing + codegen)
+
+
+class AgreementResult(BaseModel):
+    """Share of pixels whose label at reduced precision equals the fp32 label."""
+
+    precision: str
+    images: int
+    pixels: int
+    agreement: float
+
+
+class ModelReport(BaseModel):
+    machine: MachineInfo
+    arch: str
+    backbone: str
+    num_classes: int
+    weights: str  # the file, or a note that the weights are untrained
+    what_is_timed: str = "uint8 batch on device -> normalise -> forward -> argmax -> uint8"
+    matmul_tflops: dict[str, float]
+    results: list[ModelResult]
+    agreement: list[AgreementResult]
+
+
+def model_gflop(arch: str, backbone: str, num_classes: int, height: int, width: int) -> float:
+    """GFLOP (2 x multiply-adds) of one forward pass on one image, counted on the meta device."""
+    with torch.device("meta"):
+        model = build_model(arch, num_classes, backbone)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.empty(1, 3, height, width, device="meta"))
+    return counter.get_total_flops() / 1e9
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """fp32 is autocast disabled, so every case runs through the same code."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def device_step(
+    model: nn.Module, normalization: Normalization, precision: str, channels_last: bool
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 N x 3 x H x W on the device -> uint8 N x H x W labels, as the service's runner."""
+
+    def step(images: torch.Tensor) -> torch.Tensor:
+        x = normalization(images)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(images.device, precision):
+            logits = model(x)
+        return logits.argmax(1).to(torch.uint8)
+
+    return step
+
+
+def input_batch(images: Sequence[np.ndarray], batch: int, device: torch.device) -> torch.Tensor:
+    """``batch`` real photos (cycled) as a uint8 N x 3 x H x W tensor on the device."""
+    picked = [images[i % len(images)] for i in range(batch)]
+    x = torch.from_numpy(np.stack(picked)).permute(0, 3, 1, 2).contiguous()
+    return x.to(device)
+
+
+def time_step(
+    step: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    *,
+    warmup: int,
+    iters: int,
+    max_seconds: float,
+) -> tuple[list[float], float]:
+    """Per-batch seconds (synchronised), and the seconds of the first (warm-up) call."""
+    device = x.device
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        step(x)
+        synchronize(device)
+        first = time.perf_counter() - t0
+        for _ in range(max(0, warmup - 1)):
+            step(x)
+        synchronize(device)
+        times: list[float] = []
+        deadline = time.perf_counter() + max_seconds
+        while len(times) < iters and (not times or time.perf_counter() < deadline):
+            t0 = time.perf_counter()
+            step(x)
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+    return times, first
+
+
+def run_case(
+    model: nn.Module,
+    normalization: Normalization,
+    case: ModelCase,
+    images: Sequence[np.ndarray],
+    gflop: float,
+    *,
+    warmup: int = 2,
+    iters: int = 10,
+    max_seconds: float = 10.0,
+) -> ModelResult:
+    device = next(model.parameters()).device
+    fmt = torch.channels_last if case.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    runnable: nn.Module = torch.compile(model, dynamic=False) if case.compiled else model
+    step = device_step(runnable, normalization, case.precision, case.channels_last)
+    x = input_batch(images, case.batch, device)
+    times, first = time_step(step, x, warmup=warmup, iters=iters, max_seconds=max_seconds)
+    total = sum(times)
+    ips = case.batch * len(times) / total
+    return ModelResult(
+        **case.model_dump(),
+        gflop_per_image=round(gflop, 3),
+        iters=len(times),
+        images_per_s=round(ips, 3),
+        batch_ms_p50=round(statistics.median(times) * 1e3, 3),
+        batch_ms_min=round(min(times) * 1e3, 3),
+        achieved_tflops=round(ips * gflop / 1e3, 4),
+        compile_s=round(first, 2) if case.compiled else None,
+    )
+
+
+def label_agreement(
+    model: nn.Module,
+    normalization: Normalization,
+    images: Sequence[np.ndarray],
+    precision: str,
+) -> AgreementResult:
+    """Per-pixel agreement of the labels at ``precision`` with fp32, one image at a time."""
+    device = next(model.parameters()).device
+    fp32 = device_step(model, normalization, "fp32", False)
+    low = device_step(model, normalization, precision, False)
+    same = pixels = 0
+    with torch.inference_mode():
+        for img in images:
+            x = input_batch([img], 1, device)
+            same += int((fp32(x) == low(x)).sum())
+            pixels += img.shape[0] * img.shape[1]
+    return AgreementResult(
+        precision=precision, images=len(images), pixels=pixels, agreement=same / pixels
+    )
+
+
+def matmul_tflops(device: torch.device, precision: str, seconds: float = 1.0) -> float:
+    """Measured dense matmul rate: the realistic peak the model's TFLOP/s is compared with."""
+    n = 8192 if device.type == "cuda" else 1024
+    dtype = PRECISIONS[precision] or torch.float32
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    synchronize(device)
+    count, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        count += 1
+        if count % 4 == 0:
+            synchronize(device)
+            if time.perf_counter() - t0 >= seconds:
+                break
+    return round(2 * n**3 * count / (time.perf_counter() - t0) / 1e12, 3)
+
+
+def load_model(
+    weights: Path | None, arch: str, backbone: str, num_classes: int, device: torch.device
+) -> tuple[nn.Module, Normalization, str, str, str, int]:
+    """The weights' model when a file is given, else an untrained one (same cost per pixel)."""
+    if weights is not None:
+        loaded = load_weights(weights, device)
+        m = loaded.meta
+        return loaded.model, m.normalization, str(weights), m.arch, m.backbone, m.num_classes
+    model = randomise_scores(build_model(arch, num_classes, backbone)).to(device).eval()
+    note = "untrained (random backbone and score layers): timing; agreement is indicative only"
+    return model, default_normalization(backbone), note, arch, backbone, num_classes
+
+
+def randomise_scores(model: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module:
+    """Untrained FCNs have zero score layers (as in the paper) and predict class 0 everywhere,
+    which would make any precision agree with fp32 trivially; random scores make labels vary."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.startswith("score") and isinstance(module, nn.Conv2d):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
+    return model
+
+
+def sweep_cases(
+    sizes: Iterable[tuple[int, int]],
+    batches: Iterable[int],
+    precisions: Iterable[str],
+    channels_last: Iterable[bool],
+    compiled: Iterable[bool],
+) -> list[ModelCase]:
+    return [
+        ModelCase(width=w, height=h, batch=b, precision=p, channels_last=cl, compiled=c)
+        for (w, h), b, p, cl, c in itertools.product(
+            sizes, batches, precisions, channels_last, compiled
+        )
+    ]
+
+
+def run_sweep(
+    cases: Sequence[ModelCase],
+    *,
+    device: str,
+    weights: Path | None = None,
+    arch: str = "fcn8s",
+    backbone: str = "efficientnet_lite0",
+    num_classes: int = 11,
+    warmup: int = 2,
+    iters: int = 10,
+    max_seconds: float = 10.0,
+    data_root: Path = DEFAULT_DATA_ROOT,
+    agreement_images: int = 4,
+    log: Callable[[str], None] = print,
+) -> ModelReport:
+    dev = torch.device(device)
+    model, norm, note, arch, backbone, num_classes = load_model(
+        weights, arch, backbone, num_classes, dev
+    )
+    photos: dict[tuple[int, int], list[np.ndarray]] = {}
+    gflops: dict[tuple[int, int], float] = {}
+    results = []
+    for case in cases:
+        key = (case.width, case.height)
+        if key not in photos:
+            photos[key] = photos_of_size(key, 8, data_root)
+            gflops[key] = model_gflop(arch, backbone, num_classes, case.height, case.width)
+        r = run_case(
+            model, norm, case, photos[key], gflops[key],
+            warmup=warmup, iters=iters, max_seconds=max_seconds,
+        )  # fmt: skip
+        log(
+            f"{case.width}x{case.height} b{case.batch} {case.precision}"
+            f"{' cl' if case.channels_last else ''}{' compiled' if case.compiled else ''}: "
+            f"{r.images_per_s:.2f} img/s, {r.batch_ms_p50:.1f} ms/batch, "
+            f"{r.achieved_tflops:.3f} TFLOP/s"
+        )
+        results.append(r)
+    model.to(memory_format=torch.contiguous_format)
+    low = sorted({c.precision for c in cases} - {"fp32"})
+    agreement = []
+    if low and agreement_images:
+        imgs = photos_of_size(next(iter(photos)), agreement_images, data_root)
+        agreement = [label_agreement(model, norm, imgs, p) for p in low]
+    peaks = {p: matmul_tflops(dev, p) for p in ["fp32", *low]}
+    return ModelReport(
+        machine=describe(device),
+        arch=arch,
+        backbone=backbone,
+        num_classes=num_classes,
+        weights=note,
+        matmul_tflops=peaks,
+        results=results,
+        agreement=agreement,
+    )
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _onoff(text: str) -> list[bool]:
+    table = {"off": False, "on": True}
+    try:
+        return [table[t] for t in _csv(text)]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected off, on or off,on, not {text!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--weights", type=Path, help="weights file; default: untrained model")
+    p.add_argument("--arch", default="fcn8s")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--num-classes", type=int, default=11)
+    p.add_argument("--sizes", type=lambda s: [parse_size(t) for t in _csv(s)], default="480x360")
+    p.add_argument("--batches", type=lambda s: [int(t) for t in _csv(s)], default="1,4")
+    p.add_argument("--precisions", type=_csv, default="fp32,bf16")
+    p.add_argument("--channels-last", type=_onoff, default="off,on")
+    p.add_argument("--compile", type=_onoff, default="off")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--max-seconds", type=float, default=10.0, help="per case")
+    p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    p.add_argument("--out", type=Path, help="write the report as JSON here")
+    a = p.parse_args(argv)
+    bad = [x for x in a.precisions if x not in PRECISIONS]
+    if bad:
+        p.error(f"unknown precision {bad}; choose from {', '.join(PRECISIONS)}")
+    cases = sweep_cases(a.sizes, a.batches, a.precisions, a.channels_last, a.compile)
+    report = run_sweep(
+        cases, device=a.device, weights=a.weights, arch=a.arch, backbone=a.backbone,
+        num_classes=a.num_classes, warmup=a.warmup, iters=a.iters,
+        max_seconds=a.max_seconds, data_root=a.data_root,
+    )  # fmt: skip
+    text = report.model_dump_json(indent=2)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(text + "\n")
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
