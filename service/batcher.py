@@ -1,0 +1,262 @@
+"""DynamicBatcher: a bounded queue in front of one device worker thread.
+
+Policy (all of it configuration):
+- A request's wait for batch-mates is timed from its *arrival*, so time spent queued behind a
+  running batch counts; a request that already waited its delay is dispatched at once.
+- A batch holds one size bucket (padded sizes, multiples of 32), up to ``max_batch_size``
+  images and ``max_batch_pixels`` padded pixels; the oldest request's bucket goes first, and a
+  bucket that is already full goes instead of idling.
+- The queue is bounded (``QueueFull`` -> 503); requests past their deadline or cancelled
+  (client gone) are dropped before compute.
+
+The event loop only appends and is woken through ``call_soon_threadsafe``; the worker is a
+plain thread because the forward pass blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.metrics import Metrics
+from service.runner import Prediction, bucket_of
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__("the queue is full")
+        self.retry_after_s = retry_after_s
+
+
+class ShuttingDown(Exception):
+    """The batcher no longer accepts work (stopping, or never started)."""
+
+
+class DeadlineExceeded(Exception):
+    """Dropped before compute: the request's deadline passed while it was queued."""
+
+
+@dataclass
+class JobResult:
+    labels: np.ndarray
+    queue_s: float
+    infer_s: float
+    batch_size: int
+
+
+@dataclass(eq=False)
+class Job:
+    image: np.ndarray
+    bucket: tuple[int, int]
+    arrival: float
+    deadline: float
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    cancelled: bool = field(default=False)
+
+    def resolve(self, result: JobResult | BaseException) -> None:
+        # A closed loop means nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(_settle, self.future, result)
+
+
+def _settle(future: asyncio.Future, result: JobResult | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        predict: Callable[[Sequence[np.ndarray]], Prediction],
+        metrics: Metrics,
+        *,
+        max_batch_size: int = 8,
+        max_batch_pixels: int = 4 * 1024 * 1024,
+        max_queue_delay_ms: float = 5.0,
+        max_queue_size: int = 64,
+        bucket_multiple: int = 32,
+    ) -> None:
+        self._predict = predict
+        self._metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_batch_pixels = max_batch_pixels
+        self.max_queue_delay_s = max_queue_delay_ms / 1000.0
+        self.max_queue_size = max_queue_size
+        self.bucket_multiple = bucket_multiple
+        self._queue: list[Job] = []
+        self._cond = threading.Condition()
+        self._accepting = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._seconds_per_image = 0.05  # running estimate, for Retry-After
+
+    # -- event-loop side -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="fcn-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._accepting and self._thread is not None and self._thread.is_alive()
+
+    def capacity(self, bucket: tuple[int, int]) -> int:
+        """Images of this bucket per batch: the size limit, cut by the pixel budget."""
+        pixels = bucket[0] * bucket[1]
+        return max(1, min(self.max_batch_size, self.max_batch_pixels // pixels))
+
+    def submit(self, images: Sequence[np.ndarray], deadline: float) -> list[Job]:
+        """Queue all of the images or none of them (a request is answered whole).
+
+        The batching delay and the queue wait are timed from now, the jobs' arrival in the
+        queue; ``deadline`` (monotonic) is the request's own, counted from its arrival at
+        the server.
+        """
+        loop = asyncio.get_running_loop()
+        arrival = time.monotonic()
+        jobs = [
+            Job(
+                image=im,
+                bucket=bucket_of(im.shape[0], im.shape[1], self.bucket_multiple),
+                arrival=arrival,
+                deadline=deadline,
+                future=loop.create_future(),
+                loop=loop,
+            )
+            for im in images
+        ]
+        with self._cond:
+            if not self.running:
+                raise ShuttingDown()
+            if len(self._queue) + len(jobs) > self.max_queue_size:
+                raise QueueFull(self._retry_after(len(self._queue)))
+            self._queue.extend(jobs)
+            self._metrics.queue_depth.set(len(self._queue))
+            self._cond.notify_all()
+        return jobs
+
+    def cancel(self, jobs: Sequence[Job]) -> int:
+        """Withdraw jobs nobody waits for; returns how many were still queued (not computed)."""
+        with self._cond:
+            for job in jobs:
+                job.cancelled = True
+            before = len(self._queue)
+            self._queue = [j for j in self._queue if not j.cancelled]
+            removed = before - len(self._queue)
+            self._metrics.queue_depth.set(len(self._queue))
+            self._cond.notify_all()
+        return removed
+
+    def stop(self, timeout_s: float) -> None:
+        """Stop accepting, give queued work ``timeout_s`` to run, fail what is left (blocks)."""
+        end = time.monotonic() + timeout_s
+        with self._cond:
+            self._accepting = False
+            self._cond.notify_all()
+            while self._queue and (left := end - time.monotonic()) > 0:
+                self._cond.wait(left)
+            leftover, self._queue = self._queue, []
+            self._stopping = True
+            self._metrics.queue_depth.set(0)
+            self._cond.notify_all()
+        for job in leftover:
+            job.resolve(ShuttingDown())
+        if self._thread is not None:
+            self._thread.join(max(0.0, end - time.monotonic()) + 1.0)
+
+    def _retry_after(self, depth: int) -> int:
+        return max(1, math.ceil(depth * self._seconds_per_image))
+
+    # -- worker side -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._execute(batch)
+
+    def _next_batch(self) -> list[Job] | None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                self._drop_expired(now)
+                if not self._queue:
+                    if self._stopping:
+                        return None
+                    self._cond.wait()
+                    continue
+                batch, wait_s = self._choose(now)
+                if batch:
+                    taken = set(map(id, batch))
+                    self._queue = [j for j in self._queue if id(j) not in taken]
+                    self._metrics.queue_depth.set(len(self._queue))
+                    self._cond.notify_all()  # stop() may be waiting for the queue to drain
+                    return batch
+                self._cond.wait(wait_s)
+
+    def _drop_expired(self, now: float) -> None:
+        expired = [j for j in self._queue if j.deadline <= now]
+        if expired:
+            self._queue = [j for j in self._queue if j.deadline > now]
+            self._metrics.queue_depth.set(len(self._queue))
+            for job in expired:
+                job.resolve(DeadlineExceeded())
+
+    def _choose(self, now: float) -> tuple[list[Job], float]:
+        groups: dict[tuple[int, int], list[Job]] = {}
+        for job in self._queue:
+            groups.setdefault(job.bucket, []).append(job)
+        oldest = self._queue[0]
+        first = groups[oldest.bucket]
+        cap = self.capacity(oldest.bucket)
+        due = oldest.arrival + self.max_queue_delay_s
+        if len(first) >= cap or now >= due or not self._accepting:
+            return first[:cap], 0.0
+        for bucket, jobs in groups.items():
+            if len(jobs) >= self.capacity(bucket):
+                return jobs[: self.capacity(bucket)], 0.0
+        return [], due - now
+
+    def _execute(self, batch: list[Job]) -> None:
+        dispatched = time.monotonic()
+        for job in batch:
+            self._metrics.queue_wait.observe(dispatched - job.arrival)
+        try:
+            prediction = self._predict([job.image for job in batch])
+        except Exception as exc:
+            log.exception("batch of %d failed", len(batch))
+            for job in batch:
+                job.resolve(exc)
+            return
+        infer_s = sum(seconds for _, seconds in prediction.passes)
+        for size, seconds in prediction.passes:
+            self._metrics.batch_size.observe(size)
+            self._metrics.inference_duration.observe(seconds)
+        self._metrics.images.inc(len(batch))
+        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * infer_s / len(batch)
+        for job, labels in zip(batch, prediction.labels, strict=True):
+            job.resolve(
+                JobResult(
+                    labels=labels,
+                    queue_s=dispatched - job.arrival,
+                    infer_s=infer_s,
+                    batch_size=len(batch),
+                )
+            )

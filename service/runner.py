@@ -1,0 +1,143 @@
+"""The model on its device: pad to the bucket, forward, argmax on the device, crop, OOM split.
+
+Any ``nn.Module`` that maps a normalised N x 3 x H x W float batch to N x C x H x W logits
+can be served (the benchmarks plug in a near-free one). Only uint8 images go to the device
+and only uint8 label maps come back: logits never leave it.
+
+Padding is zeros *after* normalisation, i.e. the mean colour, at the bottom and right. That is
+exactly what the EfficientNet-Lite0 FCN does itself to reach a multiple of 32, so with
+32-pixel buckets a batched image gets the same labels as the image run alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class DeviceOutOfMemory(RuntimeError):
+    """A single image did not fit on the device; splitting cannot help."""
+
+
+@dataclass
+class Prediction:
+    labels: list[np.ndarray]
+    """One H x W uint8 map per input image, at the input's size."""
+    passes: list[tuple[int, float]] = field(default_factory=list)
+    """(images, seconds) of every forward pass run; more than one after an OOM split."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def effective_precision(device: torch.device, precision: str) -> str:
+    """Autocast only on CUDA: bf16/fp16 on the CPU is slower and not what was validated."""
+    if device.type != "cuda" and precision != "fp32":
+        log.warning("precision %s applies on CUDA only; the CPU runs fp32", precision)
+        return "fp32"
+    return precision
+
+
+def bucket_of(height: int, width: int, multiple: int) -> tuple[int, int]:
+    return -(-height // multiple) * multiple, -(-width // multiple) * multiple
+
+
+class Runner:
+    def __init__(
+        self,
+        model: nn.Module,
+        normalization: Callable[[torch.Tensor], torch.Tensor],
+        device: torch.device,
+        precision: str = "fp32",
+        bucket_multiple: int = 32,
+        on_oom_split: Callable[[], None] | None = None,
+    ) -> None:
+        self.device = device
+        self.precision = effective_precision(device, precision)
+        self.model = model.to(device).eval()
+        self.normalization = normalization
+        self.bucket_multiple = bucket_multiple
+        self.on_oom_split = on_oom_split
+        self._pin = device.type == "cuda"
+        self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    def predict(self, images: Sequence[np.ndarray]) -> Prediction:
+        """H x W x 3 uint8 images of one bucket -> their label maps; OOM splits in halves."""
+        prediction = Prediction(labels=[])
+        self._predict_into(list(images), prediction)
+        return prediction
+
+    def _predict_into(self, images: list[np.ndarray], out: Prediction) -> None:
+        start = time.perf_counter()
+        try:
+            labels = self._forward(images)
+        except torch.cuda.OutOfMemoryError as exc:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(images) == 1:
+                h, w = images[0].shape[:2]
+                raise DeviceOutOfMemory(
+                    f"a {w}x{h} image does not fit in the device's memory"
+                ) from exc
+            log.warning("out of memory on a batch of %d; splitting and retrying", len(images))
+            if self.on_oom_split is not None:
+                self.on_oom_split()
+            half = len(images) // 2
+            self._predict_into(images[:half], out)
+            self._predict_into(images[half:], out)
+            return
+        out.passes.append((len(images), time.perf_counter() - start))
+        out.labels.extend(labels)
+
+    def _forward(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        sizes = [im.shape[:2] for im in images]
+        hb, wb = bucket_of(max(h for h, _ in sizes), max(w for _, w in sizes), self.bucket_multiple)
+        host = torch.zeros((len(images), hb, wb, 3), dtype=torch.uint8, pin_memory=self._pin)
+        staging = host.numpy()  # shares memory with host (pinned on CUDA)
+        for i, (im, (h, w)) in enumerate(zip(images, sizes, strict=True)):
+            staging[i, :h, :w] = im
+        with torch.inference_mode():
+            x = host.to(self.device, non_blocking=self._pin).permute(0, 3, 1, 2).contiguous()
+            x = self.normalization(x)
+            for i, (h, w) in enumerate(sizes):
+                x[i, :, h:, :] = 0
+                x[i, :, :, w:] = 0
+            with self._autocast():
+                logits = self.model(x)
+            if logits.shape[0] != len(images) or logits.shape[-2:] != (hb, wb):
+                raise RuntimeError(
+                    f"model returned {tuple(logits.shape)} for input {tuple(x.shape)}; "
+                    "expected N x C x H x W logits"
+                )
+            if logits.shape[1] > 256:
+                raise RuntimeError("more than 256 classes do not fit a uint8 label map")
+            labels = logits.argmax(1).to(torch.uint8).cpu().numpy()
+        return [np.ascontiguousarray(labels[i, :h, :w]) for i, (h, w) in enumerate(sizes)]
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self._dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self._dtype)
+
+    def warmup(self, shapes: Sequence[tuple[int, int]], batch_sizes: Sequence[int]) -> float:
+        """Run every (shape, batch size) once so the first requests meet no cold start."""
+        start = time.perf_counter()
+        for h, w in shapes:
+            for n in sorted(set(batch_sizes)):
+                self.predict([np.zeros((h, w, 3), dtype=np.uint8)] * n)
+        return time.perf_counter() - start

@@ -1,0 +1,161 @@
+"""Every knob of the service, read from ``FCN_*`` environment variables (or a ``.env`` file).
+
+Queue policy, limits and precision are configuration rather than code, so an operator can
+tune a replica for its GPU and its clients without a release. ``Settings.table()`` renders
+the documentation of every field, so the README cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_WEIGHTS = Path("weights/fcn8s-lite0-camvid.safetensors")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FCN_", extra="ignore", validate_default=True)
+
+    weights: Path = Field(
+        DEFAULT_WEIGHTS,
+        description="Weights file to serve. A relative path is looked up in the working "
+        "directory, then in the repository/package root.",
+    )
+    device: str = Field(
+        "auto", description="`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="Autocast precision on CUDA (`bf16`/`fp16`); the CPU always runs fp32.",
+    )
+    max_batch_size: int = Field(8, ge=1, description="Most images in one forward pass.")
+    max_batch_pixels: int = Field(
+        4 * 1024 * 1024,
+        ge=1,
+        description="Pixel budget of one batch, counted on the padded bucket "
+        "(an image above it still runs, alone).",
+    )
+    max_queue_delay_ms: float = Field(
+        5.0,
+        ge=0,
+        description="Longest a request waits for batch-mates, timed from its arrival.",
+    )
+    max_queue_size: int = Field(
+        64, ge=1, description="Queued images; beyond it requests get 503 with Retry-After."
+    )
+    request_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Deadline from arrival; a request not computed by then gets 504 "
+        "(and is dropped before compute).",
+    )
+    max_body_bytes: int = Field(
+        20 * 1024 * 1024,
+        ge=1,
+        description="Request body limit; larger bodies get 413 while streaming.",
+    )
+    max_image_pixels: int = Field(
+        50_000_000,
+        ge=1,
+        description="Pixel limit read from the image header, before decoding (413 above it).",
+    )
+    max_side: int = Field(
+        2048,
+        ge=32,
+        description="Longer image sides are downscaled to this before inference; "
+        "the label map is scaled back to the original size (nearest).",
+    )
+    max_images_per_request: int = Field(
+        16, ge=1, description="Most images in one `POST /segment/batch`."
+    )
+    bucket_multiple: int = Field(
+        32,
+        ge=1,
+        description="Images are padded to multiples of this so that different sizes batch "
+        "together (32 is exactly the EfficientNet-Lite0 model's own padding).",
+    )
+    codec_threads: int = Field(
+        0,
+        ge=0,
+        description="Threads that decode and encode images, off the event loop "
+        "(0: min(4, CPU count)).",
+    )
+    torch_threads: int = Field(0, ge=0, description="CPU threads for torch (0: torch's default).")
+    api_key: SecretStr | None = Field(
+        None,
+        description="When set, `/segment*` and `/v1/model` need `Authorization: Bearer <key>`; "
+        "health, readiness and metrics stay open.",
+    )
+    warmup: bool = Field(True, description="Run the warm-up shapes before reporting ready.")
+    warmup_sizes: str = Field(
+        "480x360",
+        description="Comma-separated warm-up image sizes `WxH`, each run at batch 1 and at "
+        "the full batch for its bucket.",
+    )
+    shutdown_timeout_s: float = Field(
+        10.0, ge=0, description="On shutdown, in-flight requests get this long to finish."
+    )
+    trivial_model: bool = Field(
+        False,
+        description="Serve a near-free stand-in model (no weights file) to measure the "
+        "HTTP/codec ceiling.",
+    )
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _sizes_parse(cls, sizes: str) -> str:
+        for size in _split(sizes):
+            parse_size(size)
+        return sizes
+
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, device: str) -> str:
+        if device != "auto" and device != "cpu" and not device.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {device!r}")
+        return device
+
+    def resolved_weights(self) -> Path:
+        """The weights path as given if it exists, else under the package root."""
+        path = self.weights.expanduser()
+        if path.is_absolute() or path.exists():
+            return path
+        beside_package = PACKAGE_ROOT / path
+        return beside_package if beside_package.exists() else path
+
+    def resolved_codec_threads(self) -> int:
+        return self.codec_threads or min(4, os.cpu_count() or 1)
+
+    def warmup_shapes(self) -> list[tuple[int, int]]:
+        """(height, width) pairs."""
+        return [parse_size(s) for s in _split(self.warmup_sizes)]
+
+    @classmethod
+    def table(cls) -> str:
+        """Markdown table of every setting: variable, default, meaning."""
+        rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
+        for name, field in cls.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            shown = "unset" if default is None else f"`{default}`"
+            rows.append(f"| `FCN_{name.upper()}` | {shown} | {field.description} |")
+        return "\n".join(rows)
+
+
+def _split(sizes: str) -> list[str]:
+    return [s.strip() for s in sizes.split(",") if s.strip()]
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"480x360"`` (width x height) -> ``(360, 480)`` (height, width)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size must look like 480x360 (width x height), not {text!r}") from None
+    if w < 1 or h < 1:
+        raise ValueError(f"size must be positive, not {text!r}")
+    return h, w
