@@ -1,0 +1,323 @@
+// The demo page: one request per picture (output=json gives the label map, the classes and
+// their shares at once); the overlay and the opacity slider are drawn here, on a canvas, so
+// moving the slider never costs the server another inference.
+"use strict";
+
+const KEY_STORAGE = "fcn.apiKey";
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  model: null,       // GET /v1/model
+  photo: null,       // ImageBitmap of the picture as the browser decoded it (null if it can't)
+  labels: null,      // ImageBitmap of the colour label map (palette PNG from the server)
+  controller: null,  // AbortController of the request in flight
+};
+
+// ---- API key --------------------------------------------------------------------------------
+
+function apiKey() {
+  try { return localStorage.getItem(KEY_STORAGE) || ""; } catch { return ""; }
+}
+
+function authHeaders() {
+  const key = apiKey();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+// ---- messages -------------------------------------------------------------------------------
+
+function setState(name) { document.body.dataset.state = name; }
+function status(text) { $("status").textContent = text; }
+
+function showError(text) {
+  const box = $("error");
+  box.textContent = text;
+  box.hidden = false;
+  setState("error");
+  status("");
+}
+
+function clearError() { $("error").hidden = true; $("error").textContent = ""; }
+
+// FastAPI answers {"detail": "text"} or, for validation errors, {"detail": [{loc, msg}, ...]}.
+function detailText(body) {
+  if (!body || body.detail === undefined) return "";
+  const d = body.detail;
+  if (typeof d === "string") return d;
+  if (Array.isArray(d)) {
+    return d.map((e) => (e.loc ? `${e.loc.join(".")}: ${e.msg}` : e.msg || JSON.stringify(e))).join("; ");
+  }
+  return JSON.stringify(d);
+}
+
+// What the user should read for each error status: what happened, then the server's words.
+function errorMessage(status, detail, retryAfter) {
+  const why = detail ? ` (${detail})` : "";
+  switch (status) {
+    case 400: return `The server could not read this file as an image${why}.`;
+    case 401: return apiKey()
+      ? `The server did not accept the API key${why}. Check it under "API key".`
+      : `This server needs an API key${why}: enter it under "API key" above.`;
+    case 413: return `The image is too large${why}. Try a smaller file or fewer pixels.`;
+    case 415: return `That file is not an image the server accepts${why}. Use a JPEG, PNG or WebP picture.`;
+    case 422: return `The request was rejected${why}.`;
+    case 503: return `The server is busy${why}. Try again${retryAfter ? ` in ${retryAfter} s` : " in a moment"}.`;
+    case 504: return `The server took too long to answer${why}. Try again, or use a smaller image.`;
+    default: return `The server answered ${status}${why}.`;
+  }
+}
+
+// ---- Server-Timing --------------------------------------------------------------------------
+
+// What each Server-Timing entry of the service measures, in the order a request meets them.
+const STAGES = {
+  read: "upload read",
+  decode: "decode",
+  queue: "queue (batching)",
+  inference: "inference",
+  encode: "encode",
+  total: "server total",
+};
+
+// "queue;dur=1.2, inference;dur=75.3, encode;dur=3" -> [{name, dur, desc}]
+function parseServerTiming(header) {
+  if (!header) return [];
+  return header.split(",").map((entry) => {
+    const [name, ...params] = entry.trim().split(";");
+    const metric = { name: name.trim(), dur: null, desc: "" };
+    for (const p of params) {
+      const [k, v = ""] = p.trim().split("=");
+      const value = v.replace(/^"|"$/g, "");
+      if (k === "dur") metric.dur = Number(value);
+      if (k === "desc") metric.desc = value;
+    }
+    return metric;
+  }).filter((m) => m.name);
+}
+
+function showTiming(metrics, roundTripMs, requestId) {
+  const dl = $("timing");
+  dl.replaceChildren();
+  const add = (label, value, id) => {
+    const dt = document.createElement("dt");
+    const dd = document.createElement("dd");
+    dt.textContent = label;
+    dd.textContent = value;
+    if (id) dd.dataset.metric = id;
+    dl.append(dt, dd);
+  };
+  for (const m of metrics) {
+    if (m.dur !== null && Number.isFinite(m.dur)) add(STAGES[m.name] || m.desc || m.name, `${m.dur.toFixed(1)} ms`, m.name);
+  }
+  add("round trip (this browser)", `${roundTripMs.toFixed(0)} ms`, "round-trip");
+  if (requestId) add("request id", requestId, "request-id");
+}
+
+// ---- model description ----------------------------------------------------------------------
+
+async function loadModel() {
+  let response;
+  try {
+    response = await fetch("/v1/model", { headers: authHeaders() });
+  } catch (err) {
+    $("model-info").textContent = `Could not reach the server (${err.message}).`;
+    return;
+  }
+  if (!response.ok) {
+    const body = await response.json().catch(() => null);
+    $("model-info").textContent = errorMessage(response.status, detailText(body), response.headers.get("Retry-After"));
+    if (response.status === 401) $("key-box").open = true;
+    return;
+  }
+  state.model = await response.json();
+  $("model-info").textContent = describeModel(state.model);
+}
+
+function describeModel(m) {
+  const parts = [m.arch, m.backbone].filter(Boolean);
+  parts.push(`${m.num_classes} classes${m.dataset ? ` (${m.dataset})` : ""}`);
+  const miu = m.metrics && m.metrics.mean_iu;
+  if (typeof miu === "number") parts.push(`mean IU ${(100 * miu).toFixed(1)} %${m.metrics_split ? ` on ${m.metrics_split}` : ""}`);
+  if (m.device) parts.push(`served on ${m.device}`);
+  return parts.join(" · ");
+}
+
+function classColour(index) {
+  const palette = (state.model && state.model.palette) || [];
+  const rgb = palette[index] || [0, 0, 0];
+  return `rgb(${rgb[0]}, ${rgb[1]}, ${rgb[2]})`;
+}
+
+// ---- segmenting -----------------------------------------------------------------------------
+
+async function segment(file) {
+  if (!file) return;
+  if (state.controller) state.controller.abort();
+  const controller = new AbortController();
+  state.controller = controller;
+  clearError();
+  setState("busy");
+  status(`Segmenting ${file.name}…`);
+
+  const form = new FormData();
+  form.append("image", file, file.name);
+  const started = performance.now();
+  let response;
+  try {
+    response = await fetch("/segment?output=json", {
+      method: "POST", body: form, headers: authHeaders(), signal: controller.signal,
+    });
+  } catch (err) {
+    if (err.name === "AbortError") return;
+    showError(`Could not reach the server (${err.message}).`);
+    return;
+  }
+  const roundTrip = performance.now() - started;
+  const body = await response.json().catch(() => null);
+  if (controller !== state.controller) return;  // a newer picture replaced this one
+  if (!response.ok) {
+    showError(errorMessage(response.status, detailText(body), response.headers.get("Retry-After")));
+    return;
+  }
+  if (!body) {
+    showError("The server's answer was not JSON.");
+    return;
+  }
+
+  try {
+    state.labels = await decodeBase64Png(body.labels_png_base64);
+  } catch (err) {
+    showError(`The label map could not be decoded (${err.message}).`);
+    return;
+  }
+  try {
+    state.photo = await createImageBitmap(file, { imageOrientation: "from-image" });
+  } catch {
+    state.photo = null;  // the server reads formats this browser can't: show the label map alone
+  }
+  if (controller !== state.controller) return;
+  state.controller = null;
+
+  showLegend(body);
+  showTiming(parseServerTiming(response.headers.get("Server-Timing")), roundTrip, response.headers.get("X-Request-ID"));
+  $("caption").textContent = `${file.name} · ${body.width}×${body.height}` +
+    (state.photo ? "" : " · this browser cannot display the picture itself, so only the label map is shown");
+  draw();
+  status("");
+  setState("done");
+}
+
+async function decodeBase64Png(b64) {
+  if (typeof b64 !== "string") throw new Error("no label map in the answer");
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  return createImageBitmap(new Blob([bytes], { type: "image/png" }));
+}
+
+function showLegend(body) {
+  const tbody = $("legend").querySelector("tbody");
+  tbody.replaceChildren();
+  for (const c of body.classes) {  // the server lists them most pixels first
+    const tr = document.createElement("tr");
+    tr.dataset.classIndex = c.index;
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.backgroundColor = classColour(c.index);
+    const cells = [swatch, c.name, `${(100 * c.fraction).toFixed(1)} %`, c.pixels.toLocaleString("en")];
+    cells.forEach((content, i) => {
+      const td = document.createElement("td");
+      if (i >= 2) td.className = "num";
+      td.append(content);
+      tr.append(td);
+    });
+    tbody.append(tr);
+  }
+}
+
+// The overlay is the picture with the colour label map drawn over it at the chosen opacity:
+// out = (1 - alpha) * photo + alpha * colour, the same blend the server's output=overlay makes.
+function draw() {
+  if (!state.labels) return;
+  const canvas = $("canvas");
+  const { width, height } = state.labels;
+  canvas.width = width;
+  canvas.height = height;
+  const ctx = canvas.getContext("2d");
+  const view = document.querySelector('input[name="view"]:checked').value;
+  const alpha = Number($("alpha").value);
+  ctx.globalAlpha = 1;
+  ctx.imageSmoothingEnabled = false;
+  if (view === "overlay" && state.photo) {
+    ctx.imageSmoothingEnabled = true;
+    ctx.drawImage(state.photo, 0, 0, width, height);
+    ctx.imageSmoothingEnabled = false;
+    ctx.globalAlpha = alpha;
+  }
+  ctx.drawImage(state.labels, 0, 0);
+  ctx.globalAlpha = 1;
+  canvas.dataset.view = view === "overlay" && state.photo ? "overlay" : "labels";
+  const link = $("download");
+  link.href = canvas.toDataURL("image/png");
+  link.download = `segmentation-${canvas.dataset.view}.png`;
+  link.hidden = false;
+}
+
+function syncAlpha() {
+  $("alpha-value").textContent = Number($("alpha").value).toFixed(2);
+  $("alpha").disabled = document.querySelector('input[name="view"]:checked').value !== "overlay";
+}
+
+// ---- wiring ---------------------------------------------------------------------------------
+
+function firstImage(items) {
+  for (const f of items || []) if (f) return f;
+  return null;
+}
+
+function wire() {
+  const drop = $("drop");
+  const input = $("file");
+  input.addEventListener("change", () => {
+    segment(firstImage(input.files));
+    input.value = "";  // choosing the same file again must segment it again
+  });
+  drop.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); }
+  });
+  for (const type of ["dragenter", "dragover"]) {
+    drop.addEventListener(type, (e) => { e.preventDefault(); drop.classList.add("over"); });
+  }
+  for (const type of ["dragleave", "drop"]) {
+    drop.addEventListener(type, () => drop.classList.remove("over"));
+  }
+  // Dropping anywhere on the page counts (the zone's drop bubbles up to here): a file dropped
+  // outside the zone would otherwise make the browser navigate away to it.
+  window.addEventListener("dragover", (e) => e.preventDefault());
+  window.addEventListener("drop", (e) => { e.preventDefault(); segment(firstImage(e.dataTransfer.files)); });
+  window.addEventListener("paste", (e) => {
+    const file = firstImage([...(e.clipboardData ? e.clipboardData.files : [])]);
+    if (file) segment(file);
+  });
+
+  $("alpha").addEventListener("input", () => { syncAlpha(); draw(); });
+  for (const radio of document.querySelectorAll('input[name="view"]')) {
+    radio.addEventListener("change", () => { syncAlpha(); draw(); });
+  }
+
+  $("api-key").value = apiKey();
+  $("key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    try { localStorage.setItem(KEY_STORAGE, $("api-key").value.trim()); } catch { /* private mode */ }
+    status("API key saved in this browser.");
+    loadModel();
+  });
+  $("key-forget").addEventListener("click", () => {
+    try { localStorage.removeItem(KEY_STORAGE); } catch { /* private mode */ }
+    $("api-key").value = "";
+    status("API key forgotten.");
+    loadModel();
+  });
+  syncAlpha();
+}
+
+wire();
+loadModel();
