@@ -33,6 +33,7 @@ function showError(text) {
   const box = $("error");
   box.textContent = text;
   box.hidden = false;
+  $("result").hidden = true;  // an older picture's result under a new error would mislead
   setState("error");
   status("");
 }
@@ -52,19 +53,18 @@ function detailText(body) {
 
 // What the user should read for each error status: what happened, then the server's words.
 function errorMessage(status, detail, retryAfter) {
-  const why = detail ? ` (${detail})` : "";
-  switch (status) {
-    case 400: return `The server could not read this file as an image${why}.`;
-    case 401: return apiKey()
-      ? `The server did not accept the API key${why}. Check it under "API key".`
-      : `This server needs an API key${why}: enter it under "API key" above.`;
-    case 413: return `The image is too large${why}. Try a smaller file or fewer pixels.`;
-    case 415: return `That file is not an image the server accepts${why}. Use a JPEG, PNG or WebP picture.`;
-    case 422: return `The request was rejected${why}.`;
-    case 503: return `The server is busy${why}. Try again${retryAfter ? ` in ${retryAfter} s` : " in a moment"}.`;
-    case 504: return `The server took too long to answer${why}. Try again, or use a smaller image.`;
-    default: return `The server answered ${status}${why}.`;
-  }
+  const headline = {
+    400: "The server could not read this file as an image",
+    401: apiKey()
+      ? 'The server did not accept the API key; check it under "API key"'
+      : 'This server needs an API key: enter it under "API key"',
+    413: "The image is too large",
+    415: "That file is not an image the server accepts",
+    422: "The image could not be used",
+    503: `The server is busy; try again ${retryAfter ? `in ${retryAfter} s` : "in a moment"}`,
+    504: "The server took too long to answer; try again, or use a smaller image",
+  }[status] || `The server answered ${status}`;
+  return detail ? `${headline} (${detail}).` : `${headline}.`;
 }
 
 // ---- Server-Timing --------------------------------------------------------------------------
@@ -109,8 +109,8 @@ function showTiming(metrics, roundTripMs, requestId) {
   for (const m of metrics) {
     if (m.dur !== null && Number.isFinite(m.dur)) add(STAGES[m.name] || m.desc || m.name, `${m.dur.toFixed(1)} ms`, m.name);
   }
-  add("round trip (this browser)", `${roundTripMs.toFixed(0)} ms`, "round-trip");
-  if (requestId) add("request id", requestId, "request-id");
+  add("round trip", `${roundTripMs.toFixed(0)} ms`, "round-trip");  // as this browser saw it
+  $("request-id").textContent = requestId ? `request id ${requestId}` : "";
 }
 
 // ---- model description ----------------------------------------------------------------------
@@ -202,6 +202,7 @@ async function segment(file) {
   showTiming(parseServerTiming(response.headers.get("Server-Timing")), roundTrip, response.headers.get("X-Request-ID"));
   $("caption").textContent = `${file.name} · ${body.width}×${body.height}` +
     (state.photo ? "" : " · this browser cannot display the picture itself, so only the label map is shown");
+  $("result").hidden = false;
   draw();
   status("");
   setState("done");
@@ -213,6 +214,11 @@ async function decodeBase64Png(b64) {
   return createImageBitmap(new Blob([bytes], { type: "image/png" }));
 }
 
+// A class that is present never reads "0.0 %".
+function shareText(fraction) {
+  return fraction > 0 && fraction < 0.0005 ? "< 0.1 %" : `${(100 * fraction).toFixed(1)} %`;
+}
+
 function showLegend(body) {
   const tbody = $("legend").querySelector("tbody");
   tbody.replaceChildren();
@@ -222,7 +228,7 @@ function showLegend(body) {
     const swatch = document.createElement("span");
     swatch.className = "swatch";
     swatch.style.backgroundColor = classColour(c.index);
-    const cells = [swatch, c.name, `${(100 * c.fraction).toFixed(1)} %`, c.pixels.toLocaleString("en")];
+    const cells = [swatch, c.name, shareText(c.fraction), c.pixels.toLocaleString("en")];
     cells.forEach((content, i) => {
       const td = document.createElement("td");
       if (i >= 2) td.className = "num";
