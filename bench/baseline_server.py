@@ -32,8 +32,8 @@ class Health(BaseModel):
     status: str
 
 
-def create_app(weights: Path) -> FastAPI:
-    loaded = load_weights(weights)
+def create_app(weights: Path, device: str = "cpu") -> FastAPI:
+    loaded = load_weights(weights, device)
     model, meta = loaded.model, loaded.meta
     palette = flat_palette(meta.palette)
     app = FastAPI(title="plain FCN server (benchmark baseline)")
@@ -48,9 +48,9 @@ def create_app(weights: Path) -> FastAPI:
             rgb = np.asarray(Image.open(image.file).convert("RGB"))
         except (UnidentifiedImageError, OSError) as exc:
             raise HTTPException(400, f"not a decodable image: {exc}") from exc
-        x = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)
+        x = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).to(device)
         with torch.inference_mode():
-            labels = model(meta.normalization(x)).argmax(1)[0].to(torch.uint8).numpy()
+            labels = model(meta.normalization(x)).argmax(1)[0].to(torch.uint8).cpu().numpy()
         out = Image.fromarray(labels)
         out.putpalette(palette)  # L -> P: pixel values are class indices, colours for viewers
         buf = io.BytesIO()
@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--weights", type=Path, required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
-    uvicorn.run(create_app(a.weights), host=a.host, port=a.port, log_level="warning")
+    uvicorn.run(create_app(a.weights, a.device), host=a.host, port=a.port, log_level="warning")
 
 
 if __name__ == "__main__":

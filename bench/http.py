@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import itertools
 import math
+import statistics
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
 from bench.images import DEFAULT_DATA_ROOT, WORKLOADS, workload_jpegs
+from service.client import parse_server_timing
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BATCH_METRIC = "fcn_batch_size"
@@ -49,6 +51,7 @@ class LoadResult(BaseModel):
     latency_ms_p99: float | None
     latency_ms_mean: float | None
     mean_batch_size: float | None  # None when the server exposes no fcn_batch_size
+    server_timing_ms_p50: dict[str, float] = {}  # Server-Timing stage -> median, when sent
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -118,6 +121,8 @@ async def closed_loop(
     async with httpx.AsyncClient(limits=limits, timeout=timeout_s) as client:
         cycle = itertools.cycle(payloads)
 
+        stages: dict[str, list[float]] = {}
+
         async def one(payload: bytes) -> tuple[str, float]:
             t0 = time.perf_counter()
             try:
@@ -128,12 +133,17 @@ async def closed_loop(
             dt = time.perf_counter() - t0
             if r.status_code != 200:
                 return str(r.status_code), dt
-            return ("ok" if body.startswith(PNG_SIGNATURE) else "not-png"), dt
+            if not body.startswith(PNG_SIGNATURE):
+                return "not-png", dt
+            for stage, ms in parse_server_timing(r.headers.get("server-timing")).items():
+                stages.setdefault(stage, []).append(ms)
+            return "ok", dt
 
         warm = [one(next(cycle)) for _ in range(warmup_requests)]
         for i in range(0, len(warm), concurrency):
             await asyncio.gather(*warm[i : i + concurrency])
 
+        stages.clear()  # warm-up requests do not count
         before = await scrape_batches(client, metrics_url)
         outcomes: Counter[str] = Counter()
         latencies: list[float] = []
@@ -176,6 +186,7 @@ async def closed_loop(
         latency_ms_p99=ms(percentile(latencies, 99)) if has else None,
         latency_ms_mean=ms(sum(latencies) / len(latencies)) if has else None,
         mean_batch_size=mean_batch,
+        server_timing_ms_p50={k: round(statistics.median(v), 2) for k, v in stages.items()},
     )
 
 
@@ -193,9 +204,15 @@ def sweep(
     results = []
     for c in concurrencies:
         run = closed_loop(
-            url, payloads, c, max_requests=max_requests, max_seconds=max_seconds,
-            warmup_requests=c, metrics_url=metrics_url, upload=upload,
-        )  # fmt: skip
+            url,
+            payloads,
+            c,
+            max_requests=max_requests,
+            max_seconds=max_seconds,
+            warmup_requests=c,
+            metrics_url=metrics_url,
+            upload=upload,
+        )
         results.append(asyncio.run(run))
     return results
 
@@ -214,9 +231,14 @@ def main(argv: list[str] | None = None) -> None:
     payloads = workload_jpegs(a.workload, 8, a.data_root)
     levels = [int(c) for c in a.concurrency.split(",")]
     for r in sweep(
-        a.url, payloads, levels, max_requests=a.requests, max_seconds=a.seconds,
-        metrics_url=a.metrics_url, upload=Upload(field=a.field),
-    ):  # fmt: skip
+        a.url,
+        payloads,
+        levels,
+        max_requests=a.requests,
+        max_seconds=a.seconds,
+        metrics_url=a.metrics_url,
+        upload=Upload(field=a.field),
+    ):
         print(r.model_dump_json())
 
 

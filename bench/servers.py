@@ -12,9 +12,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -58,34 +58,45 @@ def log_tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
-@contextmanager
-def serve(
-    name: str,
-    argv: Sequence[str],
-    port: int,
-    ready_path: str,
-    log_dir: Path,
-    env: Mapping[str, str] | None = None,
-    ready_timeout_s: float = 180.0,
-) -> Iterator[ServerProcess]:
-    """Start ``python argv...`` from the repository root, wait until ``ready_path`` answers
-    200, yield it, and stop it (SIGTERM, then SIGKILL) however the block ends."""
+@dataclass
+class ServerSpec:
+    """``python argv...`` from the repository root, ready when ``ready_path`` answers 200."""
+
+    name: str
+    argv: list[str]
+    port: int
+    ready_path: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def start(spec: ServerSpec, log_dir: Path) -> ServerProcess:
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{name}.log"
-    full_env = {**os.environ, **(env or {})}
-    full_env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH", "")) if p
-    )
+    log_path = log_dir / f"{spec.name}.log"
+    env = {**os.environ, **spec.env}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, *argv], cwd=REPO_ROOT, env=full_env, stdout=log, stderr=log
+            [sys.executable, *spec.argv], cwd=REPO_ROOT, env=env, stdout=log, stderr=log
         )
-    server = ServerProcess(name, f"http://127.0.0.1:{port}", proc, log_path)
+    return ServerProcess(spec.name, f"http://127.0.0.1:{spec.port}", proc, log_path)
+
+
+@contextmanager
+def serve_all(
+    specs: Sequence[ServerSpec], log_dir: Path, ready_timeout_s: float = 300.0
+) -> Iterator[dict[str, ServerProcess]]:
+    """Start every server at once (start-up is mostly imports and weights), wait until all
+    are ready, yield them by name, and stop them all however the block ends."""
+    running: dict[str, ServerProcess] = {}
     try:
-        wait_ready(server, ready_path, ready_timeout_s)
-        yield server
+        for spec in specs:
+            running[spec.name] = start(spec, log_dir)
+        for spec in specs:
+            wait_ready(running[spec.name], spec.ready_path, ready_timeout_s)
+        yield running
     finally:
-        stop(proc)
+        for server in running.values():
+            stop(server.process)
 
 
 def wait_ready(server: ServerProcess, ready_path: str, timeout_s: float) -> None:
