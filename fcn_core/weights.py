@@ -128,7 +128,10 @@ def load_weights(
         raise WeightsError(f"{path}: tensors unreadable ({exc})") from exc
     if verify and meta.sha256 and content_hash(tensors) != meta.sha256:
         raise WeightsError(f"{path}: content hash mismatch: the file is corrupt or was altered")
-    model = build_model(meta.arch, meta.num_classes, meta.backbone, at_once=meta.at_once)
+    try:
+        model = build_model(meta.arch, meta.num_classes, meta.backbone, at_once=meta.at_once)
+    except ValueError as exc:
+        raise WeightsError(f"{path}: {exc}") from exc
     load_state_dict_checked(model, tensors, str(path))
     return LoadedWeights(model.to(device).eval(), meta)
 

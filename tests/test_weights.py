@@ -260,12 +260,6 @@ def test_bad_metadata_is_named(saved, tmp_path: Path, edit, message: str) -> Non
     assert str(path) in str(err.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="fcn_core bug: an unknown arch/backbone in the header escapes as build_model's "
-    "bare ValueError (no file path) instead of WeightsError",
-)
 def test_unknown_architecture_in_header_is_a_weights_error(saved, tmp_path: Path) -> None:
     tensors = load_file(str(saved[0]))
     header = saved[2].to_dict() | {"arch": "fcn4s", "sha256": content_hash(tensors)}
