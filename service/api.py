@@ -364,14 +364,14 @@ async def segment_batch(request: Request) -> BatchSegmentation:
     results = await segment_images(request, state, [im.model_input for im in images])
     record_compute(request, results)
     assert state.meta is not None
-    spent = 0.0
-    out = []
-    for image, result in zip(images, results, strict=True):
-        seg, seconds = await state.in_codec_pool(segmentation, image, result.labels, state.meta)
-        out.append(seg)
-        spent += seconds
-    request.state.timings["encode"] = spent
-    return BatchSegmentation(results=out)
+    encoded = await asyncio.gather(
+        *(
+            state.in_codec_pool(segmentation, image, result.labels, state.meta)
+            for image, result in zip(images, results, strict=True)
+        )
+    )
+    request.state.timings["encode"] = sum(seconds for _, seconds in encoded)
+    return BatchSegmentation(results=[seg for seg, _ in encoded])
 
 
 @protected.get("/v1/model", response_model=ModelInfo)

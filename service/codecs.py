@@ -58,7 +58,9 @@ def decode(data: bytes, max_image_pixels: int, max_side: int) -> DecodedImage:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise CodecError(413, f"image has too many pixels ({exc})", "too_large") from None
+        raise CodecError(
+            413, f"image has too many pixels; the limit is {max_image_pixels} ({exc})", "too_large"
+        ) from None
     except UnidentifiedImageError:
         raise CodecError(
             415, "not a recognised image; send JPEG, PNG, WebP, BMP, TIFF or GIF"

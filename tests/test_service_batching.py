@@ -1,0 +1,167 @@
+"""Dynamic batching: concurrent requests share forward passes (read back from /metrics),
+sizes share buckets and stay exact, and the batching delay is timed from arrival."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from fcn_core.weights import LoadedWeights, load_weights
+from service.batcher import DynamicBatcher, Job, QueueFull
+from service.metrics import Metrics
+from service.runner import Prediction
+from tests.conftest import (
+    InstrumentedModel,
+    LiveServer,
+    ServeFactory,
+    encode,
+    labels_from_png,
+    predict,
+    random_rgb,
+)
+
+
+def burst(live: LiveServer, payloads: list[bytes], workers: int) -> list[httpx.Response]:
+    def send(data: bytes) -> httpx.Response:
+        return live.client.post("/segment", content=data, headers={"Content-Type": "image/png"})
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(send, payloads))
+
+
+def test_concurrent_requests_are_batched_and_exact(
+    serve: ServeFactory, reference: LoadedWeights, service_weights: Path
+) -> None:
+    model = InstrumentedModel(load_weights(service_weights).model, delay_s=0.05)
+    live = serve(model=model, meta=reference.meta, max_queue_delay_ms=100, max_batch_size=8)
+    # Three sizes, two buckets: 64x64 (60x50, 64x40) and 96x128 (90x100).
+    images = [
+        random_rgb(h, w, seed=i) for i, (h, w) in enumerate([(60, 50), (64, 40), (90, 100)] * 6)
+    ]
+    payloads = [encode(Image.fromarray(im), "PNG") for im in images]
+    responses = burst(live, payloads, workers=18)
+    for rgb, response in zip(images, responses, strict=True):
+        assert response.status_code == 200, response.text
+        labels, _ = labels_from_png(response.content)
+        np.testing.assert_array_equal(labels, predict(reference, rgb))
+    count = live.metric("fcn_batch_size_count")
+    total = live.metric("fcn_batch_size_sum")
+    singles = live.metric("fcn_batch_size_bucket", le="1.0")
+    assert total == len(images) == live.metric("fcn_images_total")
+    assert count < len(images), "concurrent requests should share forward passes"
+    assert singles < count, "the batch-size histogram should show batches of more than one"
+    assert max(n for n, _ in model.calls) > 1
+    assert live.metric("fcn_queue_wait_seconds_count") == len(images)
+    assert live.metric("fcn_inference_duration_seconds_count") == count
+    assert live.metric("fcn_queue_depth") == 0
+    ok = live.metric("fcn_request_duration_seconds_count", endpoint="/segment", status="200")
+    assert ok == len(images)
+
+
+def run_batcher(
+    predict_fn: Callable[[Sequence[np.ndarray]], Prediction],
+    jobs_plan: Sequence[tuple[float, tuple[int, int]]],
+    **options: object,
+) -> list[tuple[Job, object]]:
+    """Submit images of the given (h, w) at the given offsets (s); returns (job, result)."""
+
+    async def main() -> list[tuple[Job, object]]:
+        batcher = DynamicBatcher(predict_fn, Metrics(), **options)  # type: ignore[arg-type]
+        batcher.start()
+        submitted: list[Job] = []
+        start = time.monotonic()
+        for at, (h, w) in jobs_plan:
+            await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+            (job,) = batcher.submit([np.zeros((h, w, 3), np.uint8)], time.monotonic() + 30)
+            submitted.append(job)
+        results = await asyncio.gather(*(j.future for j in submitted), return_exceptions=True)
+        await asyncio.to_thread(batcher.stop, 5.0)
+        return list(zip(submitted, results, strict=True))
+
+    return asyncio.run(main())
+
+
+class Recorder:
+    """A predict function that records each batch's shapes and can take its time."""
+
+    def __init__(self, seconds: Sequence[float] = (0.0,)) -> None:
+        self.seconds = list(seconds)
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __call__(self, images: Sequence[np.ndarray]) -> Prediction:
+        delay = self.seconds[min(len(self.batches), len(self.seconds) - 1)]
+        self.batches.append([im.shape[:2] for im in images])
+        time.sleep(delay)
+        return Prediction(
+            labels=[np.zeros(im.shape[:2], np.uint8) for im in images],
+            passes=[(len(images), delay)],
+        )
+
+
+def test_delay_is_timed_from_arrival_not_from_dequeue() -> None:
+    # A full batch (2) runs for 0.8 s; a third request arrives 0.05 s in. It has waited past
+    # its 0.3 s delay when the worker frees up, so it goes at once (~0.75 s in the queue),
+    # where a delay timed from dequeue would hold it until ~1.05 s.
+    recorder = Recorder([0.8, 0.0])
+    plan = [(0.0, (32, 32)), (0.0, (32, 32)), (0.05, (32, 32))]
+    results = run_batcher(recorder, plan, max_batch_size=2, max_queue_delay_ms=300)
+    assert recorder.batches == [[(32, 32)] * 2, [(32, 32)]]
+    third = results[2][1]
+    assert 0.6 < third.queue_s < 0.95, third.queue_s
+
+
+def test_a_lone_request_waits_its_delay_then_runs() -> None:
+    recorder = Recorder()
+    ((_job, result),) = run_batcher(recorder, [(0.0, (40, 40))], max_queue_delay_ms=200)
+    assert 0.19 < result.queue_s < 0.6
+    assert recorder.batches == [[(40, 40)]]
+
+
+def test_batches_hold_one_bucket_within_the_size_and_pixel_budgets() -> None:
+    recorder = Recorder([0.3, 0.0])
+    # While the first batch runs, queue 3 images of bucket 64x64 and 5 of bucket 32x32.
+    plan = [(0.0, (10, 10))] + [(0.15, (60, 33)), (0.15, (20, 20))] * 3 + [(0.15, (32, 1))] * 2
+    results = run_batcher(
+        recorder,
+        plan,
+        max_batch_size=4,
+        max_batch_pixels=2 * 64 * 64,  # 2 images of 64x64, 8 of 32x32 (capped at 4)
+        max_queue_delay_ms=50,
+    )
+    assert all(not isinstance(r, BaseException) for _, r in results)
+    assert recorder.batches[0] == [(10, 10)]
+    buckets = [{(-(-h // 32) * 32, -(-w // 32) * 32) for h, w in b} for b in recorder.batches]
+    assert all(len(b) == 1 for b in buckets), recorder.batches
+    sizes = {next(iter(b)): [] for b in buckets}
+    for bucket, batch in zip(buckets, recorder.batches, strict=True):
+        sizes[next(iter(bucket))].append(len(batch))
+    assert max(sizes[(64, 64)]) == 2 and sum(sizes[(64, 64)]) == 3
+    assert max(sizes[(32, 32)]) == 4 and sum(sizes[(32, 32)]) == 6
+    # Oldest first: the 64x64 image queued first runs before any later 32x32 batch would
+    # have starved it.
+    assert buckets[1] == {(64, 64)}
+
+
+def test_queue_is_bounded_and_all_or_nothing() -> None:
+    async def main() -> None:
+        batcher = DynamicBatcher(
+            Recorder([0.5]), Metrics(), max_queue_size=3, max_queue_delay_ms=1000
+        )
+        batcher.start()
+        first = batcher.submit([np.zeros((8, 8, 3), np.uint8)] * 2, time.monotonic() + 30)
+        with pytest.raises(QueueFull) as caught:
+            batcher.submit([np.zeros((8, 8, 3), np.uint8)] * 2, time.monotonic() + 30)
+        assert caught.value.retry_after_s >= 1
+        last = batcher.submit([np.zeros((8, 8, 3), np.uint8)], time.monotonic() + 30)
+        await asyncio.gather(*(j.future for j in first + last))
+        await asyncio.to_thread(batcher.stop, 5.0)
+
+    asyncio.run(main())
