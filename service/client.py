@@ -316,18 +316,25 @@ class Summary:
         )
 
 
-def collect_jobs(inputs: Sequence[str]) -> list[Job]:
+def collect_jobs(inputs: Sequence[str], out_dir: Path | None = None) -> list[Job]:
     """Files, folders (recursively, image suffixes only) and globs -> one job per image.
 
     A folder's images keep their path below the folder, so that ``a/x.jpg`` and ``a/b/x.jpg``
     never overwrite each other's outputs; a name clash left over is an error before any work.
+    A folder search skips ``out_dir``, so ``fcn-segment . -o seg`` run twice does not segment
+    its own label maps.
     """
+    skip = out_dir.resolve() if out_dir is not None else None
     jobs: dict[Path, Job] = {}
     for arg in inputs:
         path = Path(arg)
         if path.is_dir():
             found = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in IMAGE_SUFFIXES
+                and (skip is None or not p.resolve().is_relative_to(skip))
             )
             if not found:
                 raise ValueError(f"{arg}: no images ({' '.join(sorted(IMAGE_SUFFIXES))})")
@@ -418,6 +425,7 @@ class LocalBackend:
     """
 
     def __init__(self, weights: str | None = None, device: str | None = None) -> None:
+        # Imported here: talking to a server needs httpx alone, not torch and the service.
         from pydantic import ValidationError
 
         from fcn_core.weights import WeightsError, load_weights
@@ -626,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _check_args(parser, args)
     try:
-        jobs = collect_jobs(args.inputs)
+        jobs = collect_jobs(args.inputs, args.out_dir)
     except ValueError as exc:
         print(f"fcn-segment: {exc}", file=sys.stderr)
         return 2

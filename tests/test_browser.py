@@ -246,10 +246,15 @@ def test_page_explains_bad_uploads(browser: object, server: str) -> None:
         "() => document.getElementById('model-info').textContent.includes('fcn8s')"
     )
 
-    page.set_input_files(
-        "#file",
-        files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not a picture\n"}],
+    # Dropped onto the drop zone, as a user drags a file from their desktop.
+    dropped = page.evaluate_handle(
+        """() => {
+            const dt = new DataTransfer();
+            dt.items.add(new File(["not a picture\\n"], "notes.txt", {type: "text/plain"}));
+            return dt;
+        }"""
     )
+    page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
     page.wait_for_selector("body[data-state=error]", timeout=WAIT_MS)
     message = page.locator("#error")
     assert message.is_visible()

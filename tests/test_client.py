@@ -240,6 +240,9 @@ def test_inputs_are_collected_without_clashes(tmp_path: Path, capsys) -> None:
     jobs = collect_jobs([str(tmp_path / "a"), str(tmp_path / "a" / "y.jpg")])
     assert sorted(j.name.as_posix() for j in jobs) == ["x", "y"]  # y.jpg once, not twice
     assert len(collect_jobs([str(tmp_path / "*" / "y.jpg")])) == 1
+    (tmp_path / "a" / "seg").mkdir()  # an earlier run's outputs inside the input folder
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "seg" / "x.png")
+    assert len(collect_jobs([str(tmp_path / "a")], out_dir=tmp_path / "a" / "seg")) == 2
     with pytest.raises(ValueError, match="would write the same outputs"):
         collect_jobs([str(tmp_path / "*" / "x.png")])
     with pytest.raises(ValueError, match="no such file"):
