@@ -126,9 +126,9 @@ def test_a_lone_request_waits_its_delay_then_runs() -> None:
 
 
 def test_batches_hold_one_bucket_within_the_size_and_pixel_budgets() -> None:
-    recorder = Recorder([0.3, 0.0])
+    recorder = Recorder([0.6, 0.0])
     # While the first batch runs, queue 3 images of bucket 64x64 and 5 of bucket 32x32.
-    plan = [(0.0, (10, 10))] + [(0.15, (60, 33)), (0.15, (20, 20))] * 3 + [(0.15, (32, 1))] * 2
+    plan = [(0.0, (10, 10))] + [(0.3, (60, 33)), (0.3, (20, 20))] * 3 + [(0.3, (32, 1))] * 2
     results = run_batcher(
         recorder,
         plan,

@@ -336,3 +336,12 @@ def test_trivial_model_serves_without_weights(serve: ServeFactory) -> None:
     response = post_raw(live, encode(Image.fromarray(rgb), "PNG"), "image/png")
     assert response.status_code == 200
     assert labels_from_png(response.content)[0].shape == (33, 47)
+
+
+def test_multipart_file_over_a_megabyte(live: LiveServer, reference: LoadedWeights) -> None:
+    # Starlette's multipart parser spools files over 1 MB to disk and caps text parts at 1 MB;
+    # a plain BMP photo passes that size easily and must still be read whole.
+    rgb = random_rgb(600, 700, seed=9)
+    data = encode(Image.fromarray(rgb), "BMP")
+    assert len(data) > 1024 * 1024
+    assert_labels(post_file(live, data, "big.bmp"), predict(reference, rgb), reference)
