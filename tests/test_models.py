@@ -95,8 +95,9 @@ def test_fcn8s_vgg16_has_the_papers_parameter_count(vgg: dict[str, FCN]) -> None
 def test_vgg16_parameter_counts_follow_the_layer_shapes(
     vgg: dict[str, FCN], arch: str, num_classes: int
 ) -> None:
-    model = vgg[arch] if num_classes == 21 else None
-    if model is None:
+    if num_classes == 21:
+        model = vgg[arch]
+    else:
         with torch.device("meta"):  # shapes only: no 134M-float initialisation
             model = build_model(arch, num_classes, "vgg16")
     head, frozen = expected_counts(model.stride, num_classes, (256, 512, 4096))
@@ -215,7 +216,7 @@ def test_frozen_upscore_reproduces_bilinear_upsampling_in_the_interior(name: str
     assert got.shape == expected.shape
     inner = (..., slice(f, -f), slice(f, -f))
     torch.testing.assert_close(got[inner], expected[inner], rtol=0, atol=1e-4)
-    # Not the identity on the border: that is where the zero padding shows.
+    # The border does differ (the deconvolution sees zero padding): only the interior matches.
     assert not torch.allclose(got[..., :1, :], expected[..., :1, :])
 
     unpadded = nn.ConvTranspose2d(5, 5, 2 * f, stride=f, bias=False)
