@@ -267,20 +267,20 @@ async def segment_images(
 async def decode_all(
     request: Request, state: ServiceState, blobs: list[bytes]
 ) -> list[codecs.DecodedImage]:
+    """Decode in parallel in the codec pool; the first bad image (by position) is the error."""
     s = state.settings
-    decoded: list[codecs.DecodedImage] = []
-    spent = 0.0
-    for i, blob in enumerate(blobs):
-        try:
-            image, seconds = await state.in_codec_pool(
-                codecs.decode, blob, s.max_image_pixels, s.max_side
-            )
-        except codecs.CodecError as exc:
+    outcomes = await asyncio.gather(
+        *(state.in_codec_pool(codecs.decode, b, s.max_image_pixels, s.max_side) for b in blobs),
+        return_exceptions=True,
+    )
+    for i, outcome in enumerate(outcomes):
+        if isinstance(outcome, codecs.CodecError):
             where = f"images[{i}]: " if len(blobs) > 1 else ""
-            raise ServiceError(exc.status, where + exc.detail, exc.reason) from None
-        decoded.append(image)
-        spent += seconds
-    request.state.timings["decode"] = spent
+            raise ServiceError(outcome.status, where + outcome.detail, outcome.reason)
+        if isinstance(outcome, BaseException):
+            raise outcome
+    decoded = [image for image, _ in outcomes]  # type: ignore[misc]
+    request.state.timings["decode"] = sum(seconds for _, seconds in outcomes)  # type: ignore[misc]
     return decoded
 
 
