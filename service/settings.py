@@ -43,7 +43,8 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(
         5.0,
         ge=0,
-        description="Longest a request waits for batch-mates, timed from its arrival.",
+        description="Longest an image waits for batch-mates, timed from its arrival in the "
+        "queue (time spent behind a running batch counts).",
     )
     max_queue_size: int = Field(
         64, ge=1, description="Queued images; beyond it requests get 503 with Retry-After."
@@ -77,7 +78,9 @@ class Settings(BaseSettings):
         32,
         ge=1,
         description="Images are padded to multiples of this so that different sizes batch "
-        "together (32 is exactly the EfficientNet-Lite0 model's own padding).",
+        "together. 32 is the EfficientNet-Lite0 model's own padding, so labels are exactly "
+        "those of the image run alone; for VGG16 padding shifts border pixels slightly, and 1 "
+        "batches equal sizes only.",
     )
     codec_threads: int = Field(
         0,
