@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import uvicorn
 from pydantic import ValidationError
 
 from fcn_core.weights import WeightsError, read_metadata
 from service.app import create_app
-from service.settings import Settings
+from service.settings import PACKAGE_ROOT, Settings
 
 
 class _Server(uvicorn.Server):
@@ -53,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             read_metadata(settings.resolved_weights())
         except WeightsError as exc:
-            print(f"fcn-serve: {exc} (set FCN_WEIGHTS to a weights file)", file=sys.stderr)
+            where = (
+                ""
+                if settings.weights.is_absolute()
+                else f"looked under {Path.cwd()} and {PACKAGE_ROOT}; "
+            )
+            print(f"fcn-serve: {exc} ({where}set FCN_WEIGHTS to a weights file)", file=sys.stderr)
             return 2
     app = create_app(settings)
     config = uvicorn.Config(
