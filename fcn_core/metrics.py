@@ -22,7 +22,10 @@ def confusion_matrix(
     target = target.reshape(-1).long()
     pred = pred.reshape(-1).long()
     keep = (target != ignore_index) & (target >= 0) & (target < num_classes)
-    idx = target[keep] * num_classes + pred[keep].clamp(0, num_classes - 1)
+    pred = pred[keep]
+    if pred.numel() and (pred.min() < 0 or pred.max() >= num_classes):
+        raise ValueError(f"predictions must lie in 0..{num_classes - 1}")
+    idx = target[keep] * num_classes + pred
     counts = torch.bincount(idx, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes)
 

@@ -94,6 +94,18 @@ def content_hash(tensors: dict[str, torch.Tensor]) -> str:
 
 def save_weights(path: str | Path, model: nn.Module, meta: WeightsMetadata) -> WeightsMetadata:
     """Write model + metadata; returns the metadata with its content hash filled in."""
+    described = (meta.num_classes, meta.arch, meta.backbone, meta.at_once)
+    actual = (
+        getattr(model, "num_classes", None),
+        f"fcn{getattr(model, 'stride', '?')}s",
+        getattr(model, "backbone_name", None),
+        getattr(model, "at_once", None),
+    )
+    if described != actual:
+        raise WeightsError(
+            "metadata (classes, arch, backbone, at_once) = "
+            f"{described} does not describe the model {actual}"
+        )
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta.sha256 = content_hash(tensors)
     path = Path(path)
@@ -126,7 +138,9 @@ def load_weights(
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise WeightsError(f"{path}: tensors unreadable ({exc})") from exc
-    if verify and meta.sha256 and content_hash(tensors) != meta.sha256:
+    if verify and not meta.sha256:
+        raise WeightsError(f"{path}: no content hash in the metadata; cannot verify the tensors")
+    if verify and content_hash(tensors) != meta.sha256:
         raise WeightsError(f"{path}: content hash mismatch: the file is corrupt or was altered")
     try:
         model = build_model(meta.arch, meta.num_classes, meta.backbone, at_once=meta.at_once)
@@ -187,6 +201,11 @@ def _parse_header(path: Path, header: dict[str, str]) -> WeightsMetadata:
         raise WeightsError(f"{path}: no '{METADATA_KEY}' metadata; not an fcn_core weights file")
     try:
         raw = json.loads(header[METADATA_KEY])
+        if raw.get("format_version", 1) > FORMAT_VERSION:
+            raise WeightsError(
+                f"format version {raw['format_version']} is newer than this fcn_core reads "
+                f"({FORMAT_VERSION}); upgrade the package"
+            )
         return WeightsMetadata.from_dict(raw)
     except WeightsError as exc:
         raise WeightsError(f"{path}: {exc}") from exc

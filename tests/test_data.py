@@ -138,12 +138,6 @@ def test_synthetic_scenes_are_deterministic_per_seed_and_index() -> None:
         SyntheticScenes(num_classes=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="fcn_core bug: build_dataset seeds synthetic splits other than train/val with "
-    "hash(split), which Python randomises per process (PYTHONHASHSEED)",
-)
 def test_synthetic_split_seeds_are_the_same_in_every_process() -> None:
     code = (
         "from fcn_core.data import build_dataset; "

@@ -82,6 +82,15 @@ def test_shape_mismatch_raises() -> None:
         confusion_matrix(torch.zeros(2, 3), torch.zeros(3, 2), 2)
 
 
+@pytest.mark.parametrize("bad", [4, -1])
+def test_out_of_range_predictions_raise_instead_of_being_clamped(bad: int) -> None:
+    target = torch.tensor([0, 1, 2, 255])
+    with pytest.raises(ValueError, match=r"predictions must lie in 0\.\.3"):
+        confusion_matrix(torch.tensor([0, bad, 2, 0]), target, 4)
+    # a wild prediction on a void pixel is not counted, so it is no error
+    assert confusion_matrix(torch.tensor([0, 1, 2, bad]), target, 4).trace() == 3
+
+
 def test_batches_sum_to_the_confusion_of_the_whole() -> None:
     gen = torch.Generator().manual_seed(0)
     preds = [torch.randint(0, 5, (2, 7, 11), generator=gen) for _ in range(3)]

@@ -357,6 +357,7 @@ def test_staged_init_passes_options_and_refuses_a_finer_source() -> None:
     fcn32 = build_model("fcn32s", 3, LITE, at_once=True)
     fcn16 = FCN16s.from_fcn32s(fcn32, learnable_upsampling=True)
     assert fcn16.at_once and fcn16.upscore2.weight.requires_grad
+    assert not FCN16s.from_fcn32s(fcn32, at_once=False).at_once  # an explicit choice wins
     with pytest.raises(ValueError, match="coarser net"):
         FCN32s.from_coarser(fcn16)
     with pytest.raises(ValueError, match="coarser net"):

@@ -312,3 +312,38 @@ def test_import_torch_checkpoint_refuses_non_state_dicts(tmp_path: Path) -> None
     (tmp_path / "junk.pth").write_bytes(b"\x00" * 64)
     with pytest.raises(WeightsError, match="cannot be read as a plain state dict"):
         import_torch_checkpoint(tmp_path / "junk.pth")
+
+
+def test_a_blanked_content_hash_is_refused(saved, tmp_path: Path) -> None:
+    tensors = load_file(str(saved[0]))
+    path = write_with_header(
+        tmp_path / "w.safetensors", tensors, saved[2].to_dict() | {"sha256": ""}
+    )
+    with pytest.raises(WeightsError, match="no content hash"):
+        load_weights(path)
+    assert load_weights(path, verify=False).meta.sha256 == ""
+
+
+def test_a_newer_format_version_is_refused(saved, tmp_path: Path) -> None:
+    tensors = load_file(str(saved[0]))
+    header = saved[2].to_dict() | {"format_version": 99}
+    path = write_with_header(tmp_path / "w.safetensors", tensors, header)
+    with pytest.raises(WeightsError, match="format version 99 is newer"):
+        read_metadata(path)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"class_names": list(VOC_CLASSES), "palette": [list(c) for c in VOC_PALETTE]},
+        {"arch": "fcn16s"},
+        {"backbone": "vgg16"},
+        {"at_once": True},
+    ],
+    ids=["classes", "arch", "backbone", "at_once"],
+)
+def test_save_refuses_metadata_that_does_not_describe_the_model(tmp_path: Path, overrides) -> None:
+    path = tmp_path / "w.safetensors"
+    with pytest.raises(WeightsError, match="does not describe the model"):
+        save_weights(path, small_model(), camvid_meta(**overrides))
+    assert not path.exists()

@@ -94,7 +94,8 @@ class FCN(nn.Module):
             raise ValueError(
                 f"initialise FCN-{cls.stride}s from a coarser net, not FCN-{coarser.stride}s"
             )
-        model = cls(coarser.num_classes, coarser.backbone_name, at_once=coarser.at_once, **kwargs)
+        kwargs.setdefault("at_once", coarser.at_once)
+        model = cls(coarser.num_classes, coarser.backbone_name, **kwargs)
         own = model.state_dict()
         shared = {
             k: v for k, v in coarser.state_dict().items() if k in own and own[k].shape == v.shape
