@@ -57,13 +57,15 @@ class Plan(BaseModel):
     model_batches: list[int]
     model_precisions: list[str]
     model_channels_last: list[bool]
-    model_compile: list[bool]
+    model_compile: bool  # add torch.compile'd cases (channels_last, the service's precision)
     model_iters: int
     model_seconds: float
     vgg16_http: bool  # the FCN-8s VGG16 scenario through HTTP (GPU); else its raw figures only
     vgg16_model_batches: list[int]
     vgg16_model_iters: int
     service_env: dict[str, str]  # FCN_* settings the service runs with, besides precision
+    # more configurations of the service, measured beside it: name -> FCN_* settings on top
+    service_variants: dict[str, dict[str, str]] = {}
     lite0_precision: str = "fp32"  # FCN_PRECISION of the service per scenario (CUDA only)
     vgg16_precision: str = "fp32"
 
@@ -82,7 +84,7 @@ def make_plan(preset: str, device: str) -> Plan:
             model_batches=[1],
             model_precisions=["fp32"],
             model_channels_last=[False],
-            model_compile=[False],
+            model_compile=False,
             model_iters=1,
             model_seconds=5,
             vgg16_http=False,
@@ -102,7 +104,7 @@ def make_plan(preset: str, device: str) -> Plan:
             model_batches=[1, 8, 16, 32],
             model_precisions=["fp32", "bf16", "fp16"],
             model_channels_last=[False, True],
-            model_compile=[False],
+            model_compile=preset == "full",
             model_iters=30,
             model_seconds=10,
             vgg16_http=True,
@@ -128,13 +130,17 @@ def make_plan(preset: str, device: str) -> Plan:
         model_batches=[1, 8],
         model_precisions=["fp32"] if quick else ["fp32", "bf16"],
         model_channels_last=[False, True],
-        model_compile=[False],
+        model_compile=not quick,
         model_iters=3 if quick else 8,
         model_seconds=10,
         vgg16_http=False,
         vgg16_model_batches=[] if quick else [1],
         vgg16_model_iters=2,
         service_env={},
+        # On a shared CPU, intra-op threads wait on each other and batches overflow the caches
+        service_variants={
+            "service-cpu-tuned": {"FCN_TORCH_THREADS": "1", "FCN_MAX_BATCH_SIZE": "1"}
+        },
     )
 
 
@@ -195,7 +201,7 @@ def untrained_weights(directory: Path, backbone: str) -> Path:
 def server_specs(
     weights: Path, workload: str, precision: str, plan: Plan, trivial: bool
 ) -> list[ServerSpec]:
-    """The plain server, the service and (optionally) the trivial-model service."""
+    """The plain server, the service, its variants and (optionally) the trivial-model one."""
     w, h, _ = WORKLOADS[workload]
     common = {
         "FCN_DEVICE": plan.device,
@@ -204,6 +210,8 @@ def server_specs(
         **plan.service_env,
     }
     services = {"service": {**common, "FCN_WEIGHTS": str(weights)}}
+    for name, env in plan.service_variants.items():
+        services[name] = {**common, **env, "FCN_WEIGHTS": str(weights)}
     if trivial:
         services["service-trivial"] = {**common, "FCN_TRIVIAL_MODEL": "true"}
     port = free_port()
@@ -310,6 +318,7 @@ def run_scenario(
     model_batches: list[int],
     model_iters: int,
     model_precisions: list[str],
+    compile_cases: bool,
     data_root: Path,
     log_dir: Path,
     log: Callable[[str], None],
@@ -320,12 +329,11 @@ def run_scenario(
     if model_batches:
         log(f"[{name}] raw model, {w}x{h}")
         cases = sweep_cases(
-            [(w, h)],
-            model_batches,
-            model_precisions,
-            plan.model_channels_last,
-            plan.model_compile,
+            [(w, h)], model_batches, model_precisions, plan.model_channels_last, [False]
         )
+        if compile_cases:  # compiling takes minutes on the CPU: batch 1 only there
+            batches = model_batches if plan.device.startswith("cuda") else model_batches[:1]
+            cases += sweep_cases([(w, h)], batches, [precision], [True], [True])
         model_report = run_sweep(
             cases,
             device=plan.device,
@@ -418,6 +426,7 @@ def run(
             model_batches=plan.model_batches,
             model_iters=plan.model_iters,
             model_precisions=plan.model_precisions,
+            compile_cases=plan.model_compile,
             data_root=data_root,
             log_dir=tmpdir / "logs",
             log=log,
@@ -440,6 +449,7 @@ def run(
                 model_batches=plan.vgg16_model_batches,
                 model_iters=plan.vgg16_model_iters,
                 model_precisions=vgg_precisions,
+                compile_cases=plan.model_compile and plan.vgg16_http,
                 data_root=data_root,
                 log_dir=tmpdir / "logs",
                 log=log,
