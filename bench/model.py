@@ -16,7 +16,8 @@ import argparse
 import itertools
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from fcn_core.models.backbones import default_normalization
 from fcn_core.preprocess import Normalization
 from fcn_core.weights import load_weights
 
+DEFAULT_THREADS = torch.get_num_threads()  # read before anything changes it
 PRECISIONS: dict[str, torch.dtype | None] = {
     "fp32": None,
     "bf16": torch.bfloat16,
@@ -46,6 +48,7 @@ class ModelCase(BaseModel):
     precision: str = "fp32"
     channels_last: bool = False
     compiled: bool = False
+    threads: int = 0  # torch intra-op threads on the CPU; 0: torch's default (the core count)
 
 
 class ModelResult(ModelCase):
@@ -184,7 +187,8 @@ def run_case(
     )
     step = device_step(runnable, normalization, case.precision, case.channels_last)
     x = input_batch(images, case.batch, device)
-    times, first = time_step(step, x, warmup=warmup, iters=iters, max_seconds=max_seconds)
+    with intra_op_threads(case.threads):
+        times, first = time_step(step, x, warmup=warmup, iters=iters, max_seconds=max_seconds)
     total = sum(times)
     ips = case.batch * len(times) / total
     return ModelResult(
@@ -263,17 +267,30 @@ def randomise_scores(model: nn.Module, seed: int = 0, std: float = 0.05) -> nn.M
     return model
 
 
+@contextmanager
+def intra_op_threads(threads: int) -> Iterator[None]:
+    """On a CPU shared with other work, intra-op threads wait on each other at every op's
+    barrier; one thread can be several times faster than the core count, so it is swept."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or DEFAULT_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def sweep_cases(
     sizes: Iterable[tuple[int, int]],
     batches: Iterable[int],
     precisions: Iterable[str],
     channels_last: Iterable[bool],
     compiled: Iterable[bool],
+    threads: Iterable[int] = (0,),
 ) -> list[ModelCase]:
     return [
-        ModelCase(width=w, height=h, batch=b, precision=p, channels_last=cl, compiled=c)
-        for (w, h), b, p, cl, c in itertools.product(
-            sizes, batches, precisions, channels_last, compiled
+        ModelCase(width=w, height=h, batch=b, precision=p, channels_last=cl, compiled=c, threads=t)
+        for (w, h), b, p, cl, c, t in itertools.product(
+            sizes, batches, precisions, channels_last, compiled, threads
         )
     ]
 
@@ -324,7 +341,8 @@ def run_sweep(
         )
         log(
             f"{case.width}x{case.height} b{case.batch} {case.precision}"
-            f"{' cl' if case.channels_last else ''}{' compiled' if case.compiled else ''}: "
+            f"{' cl' if case.channels_last else ''}{' compiled' if case.compiled else ''}"
+            f"{f' {case.threads}T' if case.threads else ''}: "
             f"{r.images_per_s:.2f} img/s, {r.batch_ms_p50:.1f} ms/batch, "
             f"{r.achieved_tflops:.3f} TFLOP/s"
         )
@@ -374,6 +392,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", type=_onoff, default="off,on")
     p.add_argument("--compile", type=_onoff, default="off")
     p.add_argument(
+        "--threads",
+        type=lambda s: [int(t) for t in _csv(s)],
+        default="0",
+        help="CPU intra-op thread counts to sweep (0: torch's default)",
+    )
+    p.add_argument(
         "--compile-mode",
         default="default",
         help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune...",
@@ -392,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     bad = [x for x in a.precisions if x not in PRECISIONS]
     if bad:
         p.error(f"unknown precision {bad}; choose from {', '.join(PRECISIONS)}")
-    cases = sweep_cases(a.sizes, a.batches, a.precisions, a.channels_last, a.compile)
+    cases = sweep_cases(a.sizes, a.batches, a.precisions, a.channels_last, a.compile, a.threads)
     report = run_sweep(
         cases,
         device=a.device,

@@ -45,13 +45,14 @@ def markdown(report: BenchReport) -> str:
                 + ", ".join(f"{p} {v:.3f} TFLOP/s" for p, v in md.matmul_tflops.items())
                 + ".",
                 "",
-                "| Batch | Precision | channels_last | compiled | img/s | ms/batch (p50) "
-                "| GFLOP/img | TFLOP/s |",
-                "|---|---|---|---|---|---|---|---|",
+                "| Batch | Precision | channels_last | compiled | threads | img/s "
+                "| ms/batch (p50) | GFLOP/img | TFLOP/s |",
+                "|---|---|---|---|---|---|---|---|---|",
             ]
             lines += [
                 f"| {r.batch} | {r.precision} | {'on' if r.channels_last else 'off'} "
-                f"| {'on' if r.compiled else 'off'} | {r.images_per_s:.2f} "
+                f"| {'on' if r.compiled else 'off'} | {r.threads or 'default'} "
+                f"| {r.images_per_s:.2f} "
                 f"| {r.batch_ms_p50:.1f} | {r.gflop_per_image:.1f} | {r.achieved_tflops:.3f} |"
                 for r in md.results
             ]
@@ -89,6 +90,7 @@ def markdown(report: BenchReport) -> str:
             "",
             f"Service RSS over {mem.requests} requests at concurrency {mem.concurrency} "
             f"({mem.seconds:.0f} s, errors {mem.errors or 0}): ready {mem.rss_mib_ready} MiB; "
-            f"after N requests (MiB): {samples}; growth {mem.growth:+.1%}.",
+            f"after N requests (MiB): {samples}; growth {mem.growth:+.1%} "
+            f"(highest {mem.max_growth:+.1%}).",
         ]
     return "\n".join(lines) + "\n"

@@ -58,6 +58,7 @@ class Plan(BaseModel):
     model_precisions: list[str]
     model_channels_last: list[bool]
     model_compile: bool  # add torch.compile'd cases (channels_last, the service's precision)
+    model_threads: list[int] = [0]  # CPU intra-op threads to sweep (0: torch's default)
     model_iters: int
     model_seconds: float
     vgg16_http: bool  # the FCN-8s VGG16 scenario through HTTP (GPU); else its raw figures only
@@ -131,6 +132,7 @@ def make_plan(preset: str, device: str) -> Plan:
         model_precisions=["fp32"] if quick else ["fp32", "bf16"],
         model_channels_last=[False, True],
         model_compile=not quick,
+        model_threads=[1, 0],
         model_iters=3 if quick else 8,
         model_seconds=10,
         vgg16_http=False,
@@ -163,7 +165,8 @@ class MemoryCheck(BaseModel):
     errors: dict[str, int]
     rss_mib_ready: float  # before the first request of the whole run
     rss_mib_samples: list[tuple[int, float]]  # (requests done in this run, RSS MiB)
-    growth: float  # last sample / first sample - 1 (the first one after 1/20 of the run)
+    growth: float  # last sample / first sample (before the run's first request) - 1
+    max_growth: float  # highest sample / first sample - 1
     seconds: float
 
 
@@ -270,10 +273,13 @@ def memory_run(
     concurrency: int,
     rss_ready: int,
 ) -> MemoryCheck:
-    """``requests`` requests in 20 chunks, the server's RSS read after each chunk."""
+    """``requests`` requests in 20 chunks, the server's RSS read before and after each chunk.
+
+    It runs after the concurrency sweep, whose batches of every size have already grown the
+    allocators to their working set, so growth here is what a long-running replica sees."""
     chunk = max(1, requests // 20)
     done = 0
-    samples: list[tuple[int, float]] = []
+    samples: list[tuple[int, float]] = [(0, round(server.rss_bytes() / 2**20, 1))]
     errors: dict[str, int] = {}
     start = time.perf_counter()
     while done < requests:
@@ -300,6 +306,7 @@ def memory_run(
         rss_mib_ready=round(rss_ready / 2**20, 1),
         rss_mib_samples=samples,
         growth=round(samples[-1][1] / samples[0][1] - 1, 4),
+        max_growth=round(max(v for _, v in samples) / samples[0][1] - 1, 4),
         seconds=round(time.perf_counter() - start, 1),
     )
 
@@ -319,6 +326,7 @@ def run_scenario(
     model_iters: int,
     model_precisions: list[str],
     compile_cases: bool,
+    model_threads: list[int],
     data_root: Path,
     log_dir: Path,
     log: Callable[[str], None],
@@ -329,11 +337,16 @@ def run_scenario(
     if model_batches:
         log(f"[{name}] raw model, {w}x{h}")
         cases = sweep_cases(
-            [(w, h)], model_batches, model_precisions, plan.model_channels_last, [False]
+            [(w, h)],
+            model_batches,
+            model_precisions,
+            plan.model_channels_last,
+            [False],
+            model_threads,
         )
         if compile_cases:  # compiling takes minutes on the CPU: batch 1 only there
             batches = model_batches if plan.device.startswith("cuda") else model_batches[:1]
-            cases += sweep_cases([(w, h)], batches, [precision], [True], [True])
+            cases += sweep_cases([(w, h)], batches, [precision], [True], [True], model_threads[:1])
         model_report = run_sweep(
             cases,
             device=plan.device,
@@ -427,6 +440,7 @@ def run(
             model_iters=plan.model_iters,
             model_precisions=plan.model_precisions,
             compile_cases=plan.model_compile,
+            model_threads=plan.model_threads,
             data_root=data_root,
             log_dir=tmpdir / "logs",
             log=log,
@@ -450,6 +464,7 @@ def run(
                 model_iters=plan.vgg16_model_iters,
                 model_precisions=vgg_precisions,
                 compile_cases=plan.model_compile and plan.vgg16_http,
+                model_threads=plan.model_threads[:1],
                 data_root=data_root,
                 log_dir=tmpdir / "logs",
                 log=log,
