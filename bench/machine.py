@@ -56,7 +56,7 @@ def describe(device: str) -> MachineInfo:
     cuda = dev.type == "cuda" and torch.cuda.is_available()
     cpu = cpu_model()
     try:
-        load = os.getloadavg()
+        load = tuple(round(v, 2) for v in os.getloadavg())
     except OSError:
         load = None
     return MachineInfo(

@@ -407,10 +407,11 @@ def run(
     data_root: Path,
     out_dir: Path,
     tag: str,
+    notes: Sequence[str] = (),
     log: Callable[[str], None] = print,
 ) -> tuple[BenchReport, Path]:
     started = time.perf_counter()
-    notes: list[str] = []
+    notes = list(notes)
     machine = describe(plan.device)
     log(f"fcn-bench ({plan.preset}) on {machine.device_name}, torch {machine.torch}")
     with tempfile.TemporaryDirectory(prefix="fcn-bench-") as tmp:
@@ -504,13 +505,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tag", default="", help="suffix of the result file names")
     p.add_argument("--concurrency", help="override the preset's levels, e.g. 1,8")
     p.add_argument("--memory-requests", type=int, help="override the preset's memory run")
+    p.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="context to keep with the figures, e.g. 'a training run shared the CPU'",
+    )
     a = p.parse_args(argv)
     plan = make_plan(a.preset, a.device)
     if a.concurrency:
         plan.concurrency = [int(c) for c in a.concurrency.split(",")]
     if a.memory_requests is not None:
         plan.memory_requests = a.memory_requests
-    run(plan, weights=a.weights, data_root=a.data_root, out_dir=a.out_dir, tag=a.tag)
+    run(
+        plan,
+        weights=a.weights,
+        data_root=a.data_root,
+        out_dir=a.out_dir,
+        tag=a.tag,
+        notes=a.note,
+    )
 
 
 if __name__ == "__main__":
