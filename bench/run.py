@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -139,9 +140,13 @@ def make_plan(preset: str, device: str) -> Plan:
         vgg16_model_batches=[] if quick else [1],
         vgg16_model_iters=2,
         service_env={},
-        # On a shared CPU, intra-op threads wait on each other and batches overflow the caches
+        # On CPUs one image per thread beats batching and intra-op threads: a worker per core.
         service_variants={
-            "service-cpu-tuned": {"FCN_TORCH_THREADS": "1", "FCN_MAX_BATCH_SIZE": "1"}
+            "service-cpu-workers": {
+                "FCN_TORCH_THREADS": "1",
+                "FCN_CPU_WORKERS": str(os.cpu_count() or 1),
+                "FCN_MAX_BATCH_SIZE": str(os.cpu_count() or 1),
+            }
         },
     )
 

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,15 +67,29 @@ class Runner:
         precision: str = "fp32",
         bucket_multiple: int = 32,
         on_oom_split: Callable[[], None] | None = None,
+        cpu_workers: int = 1,
+        channels_last: bool = False,
+        compile: bool = False,
+        cudnn_benchmark: bool = True,
     ) -> None:
         self.device = device
         self.precision = effective_precision(device, precision)
-        self.model = model.to(device).eval()
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = cudnn_benchmark
+        self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(device, memory_format=self._memory_format).eval()
+        self._net = torch.compile(self.model, dynamic=False) if compile else self.model
         self.normalization = normalization
         self.bucket_multiple = bucket_multiple
         self.on_oom_split = on_oom_split
         self._pin = device.type == "cuda"
         self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        # CPU: one image per thread scales better than batching or intra-op threads.
+        self._pool = (
+            ThreadPoolExecutor(cpu_workers, thread_name_prefix="fcn-cpu")
+            if device.type == "cpu" and cpu_workers > 1
+            else None
+        )
 
     def predict(self, images: Sequence[np.ndarray]) -> Prediction:
         """H x W x 3 uint8 images of one bucket -> their label maps; OOM splits in halves."""
@@ -117,17 +132,28 @@ class Runner:
             for i, (h, w) in enumerate(sizes):
                 x[i, :, h:, :] = 0
                 x[i, :, :, w:] = 0
-            with self._autocast():
-                logits = self.model(x)
-            if logits.shape[0] != len(images) or logits.shape[-2:] != (hb, wb):
-                raise RuntimeError(
-                    f"model returned {tuple(logits.shape)} for input {tuple(x.shape)}; "
-                    "expected N x C x H x W logits"
-                )
-            if logits.shape[1] > 256:
-                raise RuntimeError("more than 256 classes do not fit a uint8 label map")
-            labels = logits.argmax(1).to(torch.uint8).cpu().numpy()
+            if self._pool is not None and len(images) > 1:
+                labels = torch.cat(list(self._pool.map(self._labels, x.split(1))))
+            else:
+                labels = self._labels(x)
+            labels = labels.cpu().numpy()
         return [np.ascontiguousarray(labels[i, :h, :w]) for i, (h, w) in enumerate(sizes)]
+
+    def _labels(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised batch -> uint8 labels on the device (grad/autocast modes are per thread)."""
+        x = x.contiguous(memory_format=self._memory_format)
+        with torch.inference_mode(), self._autocast():
+            logits = self._net(x)
+        if logits.shape[0] != x.shape[0] or logits.shape[-2:] != x.shape[-2:]:
+            raise RuntimeError(
+                f"model returned {tuple(logits.shape)} for input {tuple(x.shape)}; "
+                "expected N x C x H x W logits"
+            )
+        if logits.shape[1] > 256:
+            raise RuntimeError("more than 256 classes do not fit a uint8 label map")
+        # max().indices, not argmax(): the same first-maximum labels, but torch's CPU argmax
+        # over a non-inner dimension is ~15x slower (34 vs 2 ms for 11 x 384 x 480).
+        return logits.max(1).indices.to(torch.uint8)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self._dtype is None:

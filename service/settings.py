@@ -89,6 +89,28 @@ class Settings(BaseSettings):
         "(0: min(4, CPU count)).",
     )
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch (0: torch's default).")
+    channels_last: bool = Field(
+        False,
+        description="Run convolutions on NHWC (channels-last) tensors: faster with cuDNN "
+        "tensor cores and oneDNN; `fcn-bench` measures it per device.",
+    )
+    compile: bool = Field(
+        False,
+        description="`torch.compile` the model (static shapes): each bucket and batch size "
+        "compiles once, during the warm-up, so list the served sizes in `FCN_WARMUP_SIZES`.",
+    )
+    cudnn_benchmark: bool = Field(
+        True,
+        description="CUDA: cuDNN times its algorithms once per input shape; pays off because "
+        "size buckets keep the shapes few.",
+    )
+    cpu_workers: int = Field(
+        1,
+        ge=1,
+        description="CPU only: a batch's images run as parallel single-image forward passes "
+        "on this many threads. On CPUs, request-level parallelism (one thread per image, "
+        "`FCN_TORCH_THREADS=1`) beats both batching and intra-op threads; set it to the core count.",
+    )
     api_key: SecretStr | None = Field(
         None,
         description="When set, `/segment*` and `/v1/model` need `Authorization: Bearer <key>`; "

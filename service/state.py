@@ -74,6 +74,10 @@ class ServiceState:
             s.precision,
             s.bucket_multiple,
             on_oom_split=self.metrics.oom_splits.inc,
+            cpu_workers=s.cpu_workers,
+            channels_last=s.channels_last,
+            compile=s.compile,
+            cudnn_benchmark=s.cudnn_benchmark,
         )
         self.batcher = DynamicBatcher(
             self.runner.predict,

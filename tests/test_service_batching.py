@@ -165,3 +165,25 @@ def test_queue_is_bounded_and_all_or_nothing() -> None:
         await asyncio.to_thread(batcher.stop, 5.0)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"cpu_workers": 2}, {"cpu_workers": 2, "channels_last": True}],
+    ids=["cpu-workers", "cpu-workers+channels-last"],
+)
+def test_cpu_fast_paths_give_the_models_own_labels(
+    reference: LoadedWeights, options: dict[str, object]
+) -> None:
+    """Parallel single-image forwards and NHWC change the speed, never the labels."""
+    import torch
+
+    from service.runner import Runner
+
+    runner = Runner(reference.model, reference.meta.normalization, torch.device("cpu"), **options)
+    assert runner._pool is not None  # the batch really is split across worker threads
+    images = [random_rgb(61, 83, seed=s) for s in range(3)]
+    prediction = runner.predict(images)
+    assert [p[0] for p in prediction.passes] == [3]
+    for image, labels in zip(images, prediction.labels, strict=True):
+        assert np.array_equal(labels, predict(reference, image))
