@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fcn_core.weights import LoadedWeights
@@ -280,11 +281,19 @@ class Photo:
 
 
 def load_photos(reference: LoadedWeights) -> list[Photo]:
-    out = []
-    for path in demo_photos():
-        rgb = np.asarray(Image.open(path).convert("RGB"))
-        out.append(Photo(path.name, path.read_bytes(), predict(reference, rgb)))
-    return out
+    """Reference label maps computed on one torch thread, as the replicas run
+    (``FCN_TORCH_THREADS=1``): summing in another order can flip the pixels whose two top
+    scores lie within float rounding (3e-6 apart on giraffe.jpg with the test weights)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = []
+        for path in demo_photos():
+            rgb = np.asarray(Image.open(path).convert("RGB"))
+            out.append(Photo(path.name, path.read_bytes(), predict(reference, rgb)))
+        return out
+    finally:
+        torch.set_num_threads(before)
 
 
 def segment(client: httpx.Client, url: str, photo: Photo, request_id: str) -> str:
