@@ -190,3 +190,11 @@ def test_no_configuration_serves_the_shipped_weights(tmp_path: Path) -> None:
             assert (response.json()["width"], response.json()["height"]) == (768, 576)
     finally:
         stop(proc)
+
+
+def test_readme_settings_table_is_the_codes() -> None:
+    """The README's settings table is `fcn-serve --settings` verbatim, so it cannot drift."""
+    from service.settings import Settings
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert Settings.table() in readme
