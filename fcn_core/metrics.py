@@ -41,12 +41,14 @@ def scores(hist: torch.Tensor | np.ndarray) -> dict[str, float | list[float]]:
     with np.errstate(divide="ignore", invalid="ignore"):
         acc_cls = (diag / gt).numpy()
         iu = (diag / (gt + predicted - diag)).numpy()
-    freq = (gt / total).numpy() if total > 0 else np.full(len(gt), np.nan)
     valid = ~np.isnan(iu)
     return {
         "pixel_acc": float(diag.sum() / total) if total > 0 else float("nan"),
         "mean_acc": float(np.nanmean(acc_cls)) if (~np.isnan(acc_cls)).any() else float("nan"),
         "mean_iu": float(np.nanmean(iu)) if valid.any() else float("nan"),
-        "fw_iu": float((freq[valid] * iu[valid]).sum()) if valid.any() else float("nan"),
+        # (sum_i t_i IU_i) / sum_i t_i with integer t_i: one division, so never above 1
+        "fw_iu": float((gt.numpy()[valid] * iu[valid]).sum() / float(total))
+        if valid.any()
+        else float("nan"),
         "iu": [float(v) for v in iu],
     }
