@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
+from fcn_core.hardware import cpu_model
+
 
 class MachineInfo(BaseModel):
     device: str  # "cpu" or "cuda"
@@ -29,16 +31,6 @@ class MachineInfo(BaseModel):
             return "cpu"
         words = [w for w in self.device_name.lower().replace("nvidia", "").split() if w]
         return "cuda-" + (words[0] if words else "gpu")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def memory_gib() -> float:

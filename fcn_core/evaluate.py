@@ -31,7 +31,7 @@ def predict(
     """Class probabilities for uint8 images, averaged over flips and scales when asked."""
     x = normalization(images)
     h, w = x.shape[-2:]
-    total = torch.zeros(())
+    probs = []
     for s in scales:
         xs = (
             x
@@ -44,8 +44,8 @@ def predict(
             out = out.flip(-1) if flipped else out
             if out.shape[-2:] != (h, w):
                 out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
-            total = total.to(out.device) + out.softmax(1)
-    return total
+            probs.append(out.softmax(1))
+    return torch.stack(probs).sum(0)
 
 
 @torch.no_grad()

@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -33,6 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from fcn_core.data import DATASETS, build_dataset, pad_collate, train_transforms
 from fcn_core.evaluate import evaluate
+from fcn_core.hardware import cpu_model
 from fcn_core.losses import median_frequency_weights, segmentation_loss
 from fcn_core.metrics import scores
 from fcn_core.models import ARCHITECTURES, BACKBONES, build_model
@@ -250,15 +250,7 @@ def all_reduce_(t: torch.Tensor, ctx: Dist) -> torch.Tensor:
 def hardware() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return f"CPU: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
 def train(args: argparse.Namespace) -> Path | None:

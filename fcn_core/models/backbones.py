@@ -48,7 +48,7 @@ class VGG16Caffe(nn.Module):
     )
     normalization = IMAGENET_RGB  # torchvision's ImageNet weights; Caffe's are CAFFE_VGG16_BGR
 
-    def __init__(self, dropout: float = 0.5) -> None:
+    def __init__(self, pretrained: bool = False, dropout: float = 0.5) -> None:
         super().__init__()
         in_ch = 3
         for stage, (out_ch, n_conv) in enumerate(VGG16_STAGES, start=1):
@@ -61,6 +61,8 @@ class VGG16Caffe(nn.Module):
         self.fc6 = nn.Conv2d(512, 4096, 7)
         self.fc7 = nn.Conv2d(4096, 4096, 1)
         self.drop = nn.Dropout2d(dropout)
+        if pretrained:
+            self.load_torchvision(torchvision_vgg16_state_dict())
 
     def convs(self) -> list[nn.Conv2d]:
         return [
@@ -175,19 +177,24 @@ class EfficientNetLite0(nn.Module):
         return taps[2], taps[4], top
 
 
-BACKBONES = ("vgg16", "efficientnet_lite0")
+BACKBONE_CLASSES: dict[str, type[VGG16Caffe] | type[EfficientNetLite0]] = {
+    "vgg16": VGG16Caffe,
+    "efficientnet_lite0": EfficientNetLite0,
+}
+BACKBONES = tuple(BACKBONE_CLASSES)
+
+
+def backbone_class(name: str) -> type[VGG16Caffe] | type[EfficientNetLite0]:
+    try:
+        return BACKBONE_CLASSES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}") from None
 
 
 def build_backbone(name: str, pretrained: bool = False) -> nn.Module:
-    if name == "vgg16":
-        backbone = VGG16Caffe()
-        if pretrained:
-            backbone.load_torchvision(torchvision_vgg16_state_dict())
-        return backbone
-    if name == "efficientnet_lite0":
-        return EfficientNetLite0(pretrained=pretrained)
-    raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
+    return backbone_class(name)(pretrained=pretrained)
 
 
 def default_normalization(name: str) -> Normalization:
-    return {"vgg16": VGG16Caffe.normalization, "efficientnet_lite0": HALF_RGB}[name]
+    """The preprocessing the backbone's ImageNet weights were trained with."""
+    return backbone_class(name).normalization
