@@ -9,8 +9,12 @@ Policy (all of it configuration):
 - The queue is bounded (``QueueFull`` -> 503); requests past their deadline or cancelled
   (client gone) are dropped before compute.
 
-The event loop only appends and is woken through ``call_soon_threadsafe``; the worker is a
-plain thread because the forward pass blocks.
+The event loop only appends and is woken through ``call_soon_threadsafe``. Two plain threads
+do the rest: the *launcher* forms a batch and launches it on the device, the *collector* waits
+for each launched batch in order and answers its requests. Up to ``pipeline_depth`` batches
+are in flight, so on a GPU the next batch is padded, copied and queued while the current one
+runs, and the device never idles between batches; a new batch is formed only when a slot is
+free, so batches still fill up while the device is busy.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.metrics import Metrics
-from service.runner import Prediction, bucket_of
+from service.runner import InFlight, Prediction, bucket_of
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +87,7 @@ def _settle(future: asyncio.Future, result: JobResult | BaseException) -> None:
 class DynamicBatcher:
     def __init__(
         self,
-        predict: Callable[[Sequence[np.ndarray]], Prediction],
+        launch: Callable[[Sequence[np.ndarray]], Prediction | InFlight],
         metrics: Metrics,
         *,
         max_batch_size: int = 8,
@@ -90,8 +95,11 @@ class DynamicBatcher:
         max_queue_delay_ms: float = 5.0,
         max_queue_size: int = 64,
         bucket_multiple: int = 32,
+        pipeline_depth: int = 2,
     ) -> None:
-        self._predict = predict
+        if pipeline_depth < 1:
+            raise ValueError("pipeline_depth must be at least 1")
+        self._launch = launch
         self._metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_batch_pixels = max_batch_pixels
@@ -104,6 +112,10 @@ class DynamicBatcher:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._seconds_per_image = 0.05  # running estimate, for Retry-After
+        self.pipeline_depth = pipeline_depth
+        self._slots = threading.Semaphore(pipeline_depth)
+        self._launched: queue.SimpleQueue[tuple[list[Job], float, Prediction | InFlight] | None]
+        self._launched = queue.SimpleQueue()
 
     # -- event-loop side -------------------------------------------------------------------
 
@@ -186,11 +198,18 @@ class DynamicBatcher:
     # -- worker side -----------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            self._execute(batch)
+        collector = threading.Thread(target=self._collect, name="fcn-collector", daemon=True)
+        collector.start()
+        try:
+            while True:
+                self._slots.acquire()  # at most pipeline_depth batches in flight
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                self._launch_batch(batch)
+        finally:
+            self._launched.put(None)
+            collector.join()
 
     def _next_batch(self) -> list[Job] | None:
         with self._cond:
@@ -234,17 +253,35 @@ class DynamicBatcher:
                 return jobs[: self.capacity(bucket)], 0.0
         return [], due - now
 
-    def _execute(self, batch: list[Job]) -> None:
+    def _launch_batch(self, batch: list[Job]) -> None:
         dispatched = time.monotonic()
         for job in batch:
             self._metrics.queue_wait.observe(dispatched - job.arrival)
         try:
-            prediction = self._predict([job.image for job in batch])
+            launched = self._launch([job.image for job in batch])
         except Exception as exc:
-            log.exception("batch of %d failed", len(batch))
-            for job in batch:
-                job.resolve(exc)
+            self._fail(batch, exc)
+            self._slots.release()
             return
+        self._launched.put((batch, dispatched, launched))
+
+    def _collect(self) -> None:
+        """The collector thread: answers launched batches in launch order."""
+        while (item := self._launched.get()) is not None:
+            batch, dispatched, launched = item
+            try:
+                self._answer(batch, dispatched, launched.wait())
+            except Exception as exc:
+                self._fail(batch, exc)  # requests already answered keep their answer
+            finally:
+                self._slots.release()
+
+    def _fail(self, batch: list[Job], exc: Exception) -> None:
+        log.exception("batch of %d failed", len(batch), exc_info=exc)
+        for job in batch:
+            job.resolve(exc)
+
+    def _answer(self, batch: list[Job], dispatched: float, prediction: Prediction) -> None:
         infer_s = sum(seconds for _, seconds in prediction.passes)
         for size, seconds in prediction.passes:
             self._metrics.batch_size.observe(size)

@@ -1,5 +1,9 @@
 """The model on its device: pad to the bucket, forward, argmax on the device, crop, OOM split.
 
+On CUDA a batch is *launched* (staged in reused pinned memory, copied in on a stream of its
+own, computed, its labels copied out asynchronously) and *waited for* separately, so the
+batcher can stage and queue the next batch while the device still runs this one.
+
 Any ``nn.Module`` that maps a normalised N x 3 x H x W float batch to N x C x H x W logits
 can be served (the benchmarks plug in a near-free one). Only uint8 images go to the device
 and only uint8 label maps come back: logits never leave it.
@@ -22,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from service.staging import HostBuffers
+
 log = logging.getLogger(__name__)
 
 
@@ -35,6 +41,44 @@ class Prediction:
     """One H x W uint8 map per input image, at the input's size."""
     passes: list[tuple[int, float]] = field(default_factory=list)
     """(images, seconds) of every forward pass run; more than one after an OOM split."""
+
+    def wait(self) -> Prediction:
+        """Already complete (the CPU path, or after an OOM split)."""
+        return self
+
+
+class InFlight:
+    """A batch queued on the CUDA device; ``wait`` blocks until its labels are on the host."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        sizes: list[tuple[int, int]],
+        lent: list[torch.Tensor],
+        out: torch.Tensor,
+        start: torch.cuda.Event,
+        done: torch.cuda.Event,
+    ) -> None:
+        self._runner = runner
+        self._sizes = sizes
+        self._lent = lent
+        self._out = out
+        self._start = start
+        self._done = done
+
+    def wait(self) -> Prediction:
+        try:
+            self._done.synchronize()
+            labels = crop(self._out.numpy(), self._sizes)
+            seconds = self._start.elapsed_time(self._done) / 1000.0  # device time
+        finally:
+            self._runner.buffers.give(*self._lent)  # the copies have finished
+        return Prediction(labels, [(len(self._sizes), seconds)])
+
+
+def crop(labels: np.ndarray, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """Each image's own H x W out of the padded N x Hb x Wb batch (copies: buffers are reused)."""
+    return [np.ascontiguousarray(labels[i, :h, :w]) for i, (h, w) in enumerate(sizes)]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -82,7 +126,8 @@ class Runner:
         self.normalization = normalization
         self.bucket_multiple = bucket_multiple
         self.on_oom_split = on_oom_split
-        self._pin = device.type == "cuda"
+        self.buffers = HostBuffers(pinned=device.type == "cuda")
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         # CPU: one image per thread scales better than batching or intra-op threads.
         self._pool = (
@@ -93,14 +138,17 @@ class Runner:
 
     def predict(self, images: Sequence[np.ndarray]) -> Prediction:
         """H x W x 3 uint8 images of one bucket -> their label maps; OOM splits in halves."""
-        prediction = Prediction(labels=[])
-        self._predict_into(list(images), prediction)
-        return prediction
+        return self.launch(images).wait()
 
-    def _predict_into(self, images: list[np.ndarray], out: Prediction) -> None:
-        start = time.perf_counter()
+    def launch(self, images: Sequence[np.ndarray]) -> Prediction | InFlight:
+        """Queue a batch on the device and return without waiting for it (CUDA).
+
+        The caller may stage and launch the next batch before calling ``wait`` on this one;
+        on the CPU the work is done by the time this returns.
+        """
+        images = list(images)
         try:
-            labels = self._forward(images)
+            return self._launch(images)
         except torch.cuda.OutOfMemoryError as exc:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -113,31 +161,67 @@ class Runner:
             if self.on_oom_split is not None:
                 self.on_oom_split()
             half = len(images) // 2
-            self._predict_into(images[:half], out)
-            self._predict_into(images[half:], out)
-            return
-        out.passes.append((len(images), time.perf_counter() - start))
-        out.labels.extend(labels)
+            first, second = self.predict(images[:half]), self.predict(images[half:])
+            return Prediction(first.labels + second.labels, first.passes + second.passes)
 
-    def _forward(self, images: list[np.ndarray]) -> list[np.ndarray]:
+    def _launch(self, images: list[np.ndarray]) -> Prediction | InFlight:
         sizes = [im.shape[:2] for im in images]
         hb, wb = bucket_of(max(h for h, _ in sizes), max(w for _, w in sizes), self.bucket_multiple)
-        host = torch.zeros((len(images), hb, wb, 3), dtype=torch.uint8, pin_memory=self._pin)
-        staging = host.numpy()  # shares memory with host (pinned on CUDA)
-        for i, (im, (h, w)) in enumerate(zip(images, sizes, strict=True)):
-            staging[i, :h, :w] = im
+        host = self.buffers.take((len(images), hb, wb, 3))
+        lent = [host]
+        try:
+            staging = host.numpy()  # shares memory with host (pinned on CUDA)
+            for i, (im, (h, w)) in enumerate(zip(images, sizes, strict=True)):
+                staging[i, :h, :w] = im
+            if self.device.type == "cuda":
+                return self._launch_cuda(host, sizes, lent)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                x = self._normalized(host, sizes)
+                self.buffers.give(*lent)  # x is a copy: the staging buffer is free again
+                lent = []
+                if self._pool is not None and len(images) > 1:
+                    labels = torch.cat(list(self._pool.map(self._labels, x.split(1))))
+                else:
+                    labels = self._labels(x)
+            seconds = time.perf_counter() - start
+            return Prediction(crop(labels.numpy(), sizes), [(len(images), seconds)])
+        except BaseException:
+            if self._copy_stream is not None:
+                self._copy_stream.synchronize()  # no copy may still read a buffer given back
+            self.buffers.give(*lent)
+            raise
+
+    def _launch_cuda(
+        self, host: torch.Tensor, sizes: list[tuple[int, int]], lent: list[torch.Tensor]
+    ) -> InFlight:
+        """Copy in on the copy stream, compute on the current one, copy labels out pinned."""
+        stream = torch.cuda.current_stream(self.device)
+        assert self._copy_stream is not None
         with torch.inference_mode():
-            x = host.to(self.device, non_blocking=self._pin).permute(0, 3, 1, 2).contiguous()
-            x = self.normalization(x)
-            for i, (h, w) in enumerate(sizes):
-                x[i, :, h:, :] = 0
-                x[i, :, :, w:] = 0
-            if self._pool is not None and len(images) > 1:
-                labels = torch.cat(list(self._pool.map(self._labels, x.split(1))))
-            else:
-                labels = self._labels(x)
-            labels = labels.cpu().numpy()
-        return [np.ascontiguousarray(labels[i, :h, :w]) for i, (h, w) in enumerate(sizes)]
+            # The copy waits for nothing on the compute stream, so it overlaps the kernels
+            # of the batch launched before this one.
+            with torch.cuda.stream(self._copy_stream):
+                x = host.to(self.device, non_blocking=True)
+            stream.wait_stream(self._copy_stream)
+            x.record_stream(stream)  # the allocator must not reuse x before compute ends
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            labels = self._labels(self._normalized(x, sizes))
+            out = self.buffers.take(tuple(labels.shape))
+            lent.append(out)
+            out.copy_(labels, non_blocking=True)
+            done = torch.cuda.Event(enable_timing=True)
+            done.record(stream)
+        return InFlight(self, sizes, lent, out, start, done)
+
+    def _normalized(self, x: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
+        """uint8 N x H x W x 3 -> normalised N x 3 x H x W with the padding set to zero."""
+        x = self.normalization(x.permute(0, 3, 1, 2).contiguous())
+        for i, (h, w) in enumerate(sizes):
+            x[i, :, h:, :] = 0
+            x[i, :, :, w:] = 0
+        return x
 
     def _labels(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised batch -> uint8 labels on the device (grad/autocast modes are per thread)."""

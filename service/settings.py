@@ -104,6 +104,15 @@ class Settings(BaseSettings):
         description="CUDA: cuDNN times its algorithms once per input shape; pays off because "
         "size buckets keep the shapes few.",
     )
+    pipeline_depth: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="Batches in flight at once. With 2, the next batch is padded, copied in "
+        "(pinned memory, a CUDA stream of its own) and queued while the device still runs "
+        "the current one, and the finished one is cropped and answered beside both; 1 runs "
+        "batches strictly one after another.",
+    )
     cpu_workers: int = Field(
         1,
         ge=1,

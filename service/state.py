@@ -80,13 +80,14 @@ class ServiceState:
             cudnn_benchmark=s.cudnn_benchmark,
         )
         self.batcher = DynamicBatcher(
-            self.runner.predict,
+            self.runner.launch,
             self.metrics,
             max_batch_size=s.max_batch_size,
             max_batch_pixels=s.max_batch_pixels,
             max_queue_delay_ms=s.max_queue_delay_ms,
             max_queue_size=s.max_queue_size,
             bucket_multiple=s.bucket_multiple,
+            pipeline_depth=s.pipeline_depth,
         )
         self.metrics.set_model(
             self.meta.arch, self.meta.backbone, self.meta.sha256, str(device), self.precision
