@@ -81,6 +81,22 @@ def crop(labels: np.ndarray, sizes: Sequence[tuple[int, int]]) -> list[np.ndarra
     return [np.ascontiguousarray(labels[i, :h, :w]) for i, (h, w) in enumerate(sizes)]
 
 
+CUDA_GRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
+"""``torch.compile`` modes that capture CUDA graphs on a CUDA device."""
+
+
+def compiled_batch_sizes(capacity: int) -> list[int]:
+    """The batch sizes a compiled model runs: powers of two below ``capacity``, and it."""
+    return sorted({1 << k for k in range(capacity.bit_length()) if 1 << k < capacity} | {capacity})
+
+
+def allow_recompiles(shapes: int) -> None:
+    """Let ``torch.compile`` keep ``shapes`` static-shape variants (its default is 8)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), shapes))
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -115,6 +131,7 @@ class Runner:
         channels_last: bool = False,
         compile: bool = False,
         cudnn_benchmark: bool = True,
+        compile_mode: str = "default",
     ) -> None:
         self.device = device
         self.precision = effective_precision(device, precision)
@@ -122,12 +139,27 @@ class Runner:
             torch.backends.cudnn.benchmark = cudnn_benchmark
         self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=self._memory_format).eval()
-        self._net = torch.compile(self.model, dynamic=False) if compile else self.model
+        self._net = (
+            torch.compile(self.model, dynamic=False, mode=compile_mode) if compile else self.model
+        )
+        # CUDA graphs (reduce-overhead, max-autotune) record one graph per shape, on the
+        # second call or so, and replay it from the third: warm-up runs every shape thrice.
+        self._warmup_runs = 3 if compile and compile_mode in CUDA_GRAPH_MODES else 1
+        self._compiled = compile
+        self._warmed_batch_sizes: dict[tuple[int, int], list[int]] = {}
         self.normalization = normalization
         self.bucket_multiple = bucket_multiple
         self.on_oom_split = on_oom_split
         self.buffers = HostBuffers(pinned=device.type == "cuda")
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # CUDA work runs on one thread whoever calls: compiled CUDA graphs belong to the
+        # thread that recorded them (their tree lives in thread-local state), and one
+        # thread keeps one current stream.
+        self._device_thread = (
+            ThreadPoolExecutor(1, thread_name_prefix="fcn-device")
+            if device.type == "cuda"
+            else None
+        )
         self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         # CPU: one image per thread scales better than batching or intra-op threads.
         self._pool = (
@@ -146,7 +178,11 @@ class Runner:
         The caller may stage and launch the next batch before calling ``wait`` on this one;
         on the CPU the work is done by the time this returns.
         """
-        images = list(images)
+        if self._device_thread is None:
+            return self._launch_splitting(list(images))
+        return self._device_thread.submit(self._launch_splitting, list(images)).result()
+
+    def _launch_splitting(self, images: list[np.ndarray]) -> Prediction | InFlight:
         try:
             return self._launch(images)
         except torch.cuda.OutOfMemoryError as exc:
@@ -161,13 +197,18 @@ class Runner:
             if self.on_oom_split is not None:
                 self.on_oom_split()
             half = len(images) // 2
-            first, second = self.predict(images[:half]), self.predict(images[half:])
+            first = self._launch_splitting(images[:half]).wait()
+            second = self._launch_splitting(images[half:]).wait()
             return Prediction(first.labels + second.labels, first.passes + second.passes)
 
     def _launch(self, images: list[np.ndarray]) -> Prediction | InFlight:
         sizes = [im.shape[:2] for im in images]
         hb, wb = bucket_of(max(h for h, _ in sizes), max(w for _, w in sizes), self.bucket_multiple)
-        host = self.buffers.take((len(images), hb, wb, 3))
+        # Compiled: round the batch up to a warmed-up size (the extra images are discarded),
+        # so serving never meets a shape that would compile or record a graph.
+        warmed = self._warmed_batch_sizes.get((hb, wb), []) if self._compiled else []
+        batch = next((n for n in warmed if n >= len(images)), len(images))
+        host = self.buffers.take((batch, hb, wb, 3))
         lent = [host]
         try:
             staging = host.numpy()  # shares memory with host (pinned on CUDA)
@@ -244,10 +285,21 @@ class Runner:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self._dtype)
 
-    def warmup(self, shapes: Sequence[tuple[int, int]], batch_sizes: Sequence[int]) -> float:
-        """Run every (shape, batch size) once so the first requests meet no cold start."""
+    def warmup(self, plan: dict[tuple[int, int], Sequence[int]]) -> float:
+        """Run every (height, width) -> batch sizes so the first requests meet no cold start.
+
+        Compiled, these are then the only batch sizes run for that bucket (batches are
+        rounded up to one of them), and the compiler's shape cache is made to hold them all.
+        """
         start = time.perf_counter()
-        for h, w in shapes:
+        if self._compiled:
+            shapes = sum(len(set(sizes)) for sizes in plan.values())
+            allow_recompiles(shapes + 8)
+        for (h, w), batch_sizes in plan.items():
+            bucket = bucket_of(h, w, self.bucket_multiple)
+            warmed = sorted(set(batch_sizes) | set(self._warmed_batch_sizes.get(bucket, [])))
             for n in sorted(set(batch_sizes)):
-                self.predict([np.zeros((h, w, 3), dtype=np.uint8)] * n)
+                for _ in range(self._warmup_runs):
+                    self.predict([np.zeros((h, w, 3), dtype=np.uint8)] * n)
+            self._warmed_batch_sizes[bucket] = warmed
         return time.perf_counter() - start

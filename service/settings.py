@@ -96,8 +96,18 @@ class Settings(BaseSettings):
     )
     compile: bool = Field(
         False,
-        description="`torch.compile` the model (static shapes): each bucket and batch size "
-        "compiles once, during the warm-up, so list the served sizes in `FCN_WARMUP_SIZES`.",
+        description="`torch.compile` the model (static shapes). The warm-up compiles each "
+        "size of `FCN_WARMUP_SIZES` at batch sizes 1, 2, 4, ... up to the full batch, and "
+        "batches of those buckets are rounded up to one of them, so serving never compiles; "
+        "list the sizes clients send.",
+    )
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = Field(
+        "default",
+        description="The `torch.compile` mode when `FCN_COMPILE` is on. `reduce-overhead` "
+        "replays a CUDA graph per bucket and batch size (the warm-up records them), which "
+        "removes the per-kernel launch cost of small batches.",
     )
     cudnn_benchmark: bool = Field(
         True,

@@ -21,7 +21,7 @@ from fcn_core.weights import WeightsMetadata
 from service.batcher import DynamicBatcher
 from service.loading import load_served_model
 from service.metrics import Metrics
-from service.runner import Runner, bucket_of, resolve_device
+from service.runner import Runner, bucket_of, compiled_batch_sizes, resolve_device
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class ServiceState:
             cpu_workers=s.cpu_workers,
             channels_last=s.channels_last,
             compile=s.compile,
+            compile_mode=s.compile_mode,
             cudnn_benchmark=s.cudnn_benchmark,
         )
         self.batcher = DynamicBatcher(
@@ -99,16 +100,11 @@ class ServiceState:
             )
         if s.warmup and s.warmup_shapes():
             self.not_ready_reason = "warming up"
-            seconds = self.runner.warmup(
-                s.warmup_shapes(),
-                [
-                    1,
-                    *(
-                        self.batcher.capacity(bucket_of(h, w, s.bucket_multiple))
-                        for h, w in s.warmup_shapes()
-                    ),
-                ],
-            )
+            plan = {}
+            for h, w in s.warmup_shapes():
+                full = self.batcher.capacity(bucket_of(h, w, s.bucket_multiple))
+                plan[(h, w)] = compiled_batch_sizes(full) if s.compile else [1, full]
+            seconds = self.runner.warmup(plan)
             log.info("warm-up of %s took %.2f s", s.warmup_sizes, seconds)
         self.batcher.start()
         self.ready = True

@@ -5,6 +5,7 @@ batch fails only its own requests, and staging buffers are reused rather than re
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 import time
 from collections.abc import Sequence
@@ -152,3 +153,26 @@ def test_host_buffers_lend_each_buffer_once_and_cap_the_idle_pool() -> None:
     big = [buffers.take((4, 1024, 1024)) for _ in range(3)]
     buffers.give(c, *big)
     assert buffers.idle_bytes == 2 * big[0].numel()  # only the two largest are kept
+
+
+def test_compiled_runner_rounds_batches_up_to_warmed_sizes_and_never_compiles_serving() -> None:
+    from torch._dynamo.utils import counters
+
+    from service.loading import trivial_model
+
+    loaded = trivial_model()
+    runner = Runner(
+        copy.deepcopy(loaded.model), loaded.meta.normalization, torch.device("cpu"), compile=True
+    )
+    runner.warmup({(40, 60): [1, 2, 4]})
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled >= 3
+    images = [random_rgb(40, 60 - i, seed=i) for i in range(3)]  # one bucket, a batch of 3
+    prediction = runner.predict(images)
+    assert counters["stats"]["unique_graphs"] == compiled, "a batch of 3 should run as 4"
+    assert prediction.passes[0][0] == 3
+    for image, labels in zip(images, prediction.labels, strict=True):
+        x = torch.from_numpy(image).permute(2, 0, 1)[None]
+        with torch.inference_mode():
+            expected = loaded.model(loaded.meta.normalization(x)).argmax(1)[0].to(torch.uint8)
+        assert np.array_equal(labels, expected.numpy())
