@@ -247,6 +247,14 @@ async def segment_images(
     if results in done:
         try:
             return list(results.result())
+        except codecs.CodecError:
+            # An image decoded on the device turned out broken: the first by position.
+            for i, job in enumerate(jobs):
+                failed = job.future.done() and not job.future.cancelled()
+                if failed and isinstance(exc := job.future.exception(), codecs.CodecError):
+                    where = f"images[{i}]: " if len(jobs) > 1 else ""
+                    raise ServiceError(exc.status, where + exc.detail, exc.reason) from None
+            raise
         except DeadlineExceeded:
             raise ServiceError(
                 504, f"not computed within the {timeout:g} s deadline", "timeout"
@@ -264,13 +272,26 @@ async def segment_images(
     raise ServiceError(504, f"not computed within the {timeout:g} s deadline", "timeout")
 
 
+Image = codecs.DecodedImage | codecs.EncodedJpeg
+
+
 async def decode_all(
-    request: Request, state: ServiceState, blobs: list[bytes]
-) -> list[codecs.DecodedImage]:
-    """Decode in parallel in the codec pool; the first bad image (by position) is the error."""
+    request: Request, state: ServiceState, blobs: list[bytes], need_pixels: bool
+) -> list[Image]:
+    """Decode in parallel in the codec pool; the first bad image (by position) is the error.
+
+    With ``FCN_DECODE_ON_DEVICE``, JPEGs whose pixels the response does not need (label
+    maps, JSON) only have their header checked here and are decoded by the runner.
+    """
     s = state.settings
+    defer = s.decode_on_device and not need_pixels
     outcomes = await asyncio.gather(
-        *(state.in_codec_pool(codecs.decode, b, s.max_image_pixels, s.max_side) for b in blobs),
+        *(
+            state.in_codec_pool(
+                codecs.decode_or_defer, b, s.max_image_pixels, s.max_side, defer
+            )
+            for b in blobs
+        ),
         return_exceptions=True,
     )
     for i, outcome in enumerate(outcomes):
@@ -289,9 +310,7 @@ def record_compute(request: Request, results: list[JobResult]) -> None:
     request.state.timings["inference"] = max(r.infer_s for r in results)
 
 
-def segmentation(
-    image: codecs.DecodedImage, labels: np.ndarray, meta: WeightsMetadata
-) -> Segmentation:
+def segmentation(image: Image, labels: np.ndarray, meta: WeightsMetadata) -> Segmentation:
     full = codecs.restore_size(labels, image.size)
     return Segmentation(
         width=image.size[0],
@@ -302,7 +321,7 @@ def segmentation(
 
 
 def render(
-    image: codecs.DecodedImage,
+    image: Image,
     labels: np.ndarray,
     meta: WeightsMetadata,
     output: Output,
@@ -315,6 +334,7 @@ def render(
     full = codecs.restore_size(labels, image.size)
     if output is Output.labels:
         return Response(codecs.labels_png(full, meta.palette), media_type="image/png")
+    assert isinstance(image, codecs.DecodedImage), "overlays are drawn on decoded pixels"
     data = codecs.overlay(image.rgb, full, meta.palette, alpha, fmt.value)
     return Response(data, media_type=f"image/{fmt.value}")
 
@@ -344,7 +364,7 @@ async def segment(
     """Segment one image, sent as multipart field `image` or as a raw `image/*` body."""
     state = service_state(request)
     (blob,) = await read_images(request, state, "image", 1)
-    (image,) = await decode_all(request, state, [blob])
+    (image,) = await decode_all(request, state, [blob], need_pixels=output is Output.overlay)
     (result,) = await segment_images(request, state, [image.model_input])
     record_compute(request, [result])
     assert state.meta is not None
@@ -360,7 +380,7 @@ async def segment_batch(request: Request) -> BatchSegmentation:
     """Segment several images, sent as repeated multipart fields `images`; answered in order."""
     state = service_state(request)
     blobs = await read_images(request, state, "images", state.settings.max_images_per_request)
-    images = await decode_all(request, state, blobs)
+    images = await decode_all(request, state, blobs, need_pixels=False)
     results = await segment_images(request, state, [im.model_input for im in images])
     record_compute(request, results)
     assert state.meta is not None

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.metrics import Metrics
-from service.runner import InFlight, Prediction, bucket_of
+from service.runner import InFlight, ModelInput, Prediction, bucket_of
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class JobResult:
 
 @dataclass(eq=False)
 class Job:
-    image: np.ndarray
+    image: ModelInput
     bucket: tuple[int, int]
     arrival: float
     deadline: float
@@ -87,7 +87,7 @@ def _settle(future: asyncio.Future, result: JobResult | BaseException) -> None:
 class DynamicBatcher:
     def __init__(
         self,
-        launch: Callable[[Sequence[np.ndarray]], Prediction | InFlight],
+        launch: Callable[[Sequence[ModelInput]], Prediction | InFlight],
         metrics: Metrics,
         *,
         max_batch_size: int = 8,
@@ -133,7 +133,7 @@ class DynamicBatcher:
         pixels = bucket[0] * bucket[1]
         return max(1, min(self.max_batch_size, self.max_batch_pixels // pixels))
 
-    def submit(self, images: Sequence[np.ndarray], deadline: float) -> list[Job]:
+    def submit(self, images: Sequence[ModelInput], deadline: float) -> list[Job]:
         """Queue all of the images or none of them (a request is answered whole).
 
         The batching delay and the queue wait are timed from now, the jobs' arrival in the
@@ -286,9 +286,12 @@ class DynamicBatcher:
         for size, seconds in prediction.passes:
             self._metrics.batch_size.observe(size)
             self._metrics.inference_duration.observe(seconds)
-        self._metrics.images.inc(len(batch))
+        self._metrics.images.inc(sum(isinstance(x, np.ndarray) for x in prediction.labels))
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * infer_s / len(batch)
         for job, labels in zip(batch, prediction.labels, strict=True):
+            if isinstance(labels, Exception):  # this image alone failed (its decoding)
+                job.resolve(labels)
+                continue
             job.resolve(
                 JobResult(
                     labels=labels,

@@ -49,6 +49,75 @@ class DecodedImage:
         return self.rgb.shape[1], self.rgb.shape[0]
 
 
+@dataclass
+class EncodedJpeg:
+    """A JPEG whose header passed every check, left for the runner to decode on its device.
+
+    It stands where a decoded image's ``model_input`` would: ``shape`` is the decoded shape,
+    after the EXIF ``orientation`` (1-8) is applied.
+    """
+
+    data: bytes
+    height: int
+    width: int
+    orientation: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.height, self.width, 3
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height), as ``DecodedImage.size``."""
+        return self.width, self.height
+
+    @property
+    def model_input(self) -> EncodedJpeg:
+        return self
+
+
+ORIENTATION_TAG = 0x0112
+_EOI = b"\xff\xd9"
+
+
+def probe_jpeg(data: bytes, max_image_pixels: int, max_side: int) -> EncodedJpeg | None:
+    """A plain JPEG the device can decode as it is, else None: ``decode`` then does the work.
+
+    Only the header is read. Anything else (not JPEG, CMYK, a truncated file without its
+    end marker, an image to downscale, over the pixel limit, unreadable) goes to ``decode``
+    on the CPU, which answers errors exactly as it always does.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+            return None
+        width, height = img.size
+        orientation = int(img.getexif().get(ORIENTATION_TAG, 1))
+    except Exception:  # whatever it is, decode() reports it properly
+        return None
+    if (
+        width * height > max_image_pixels
+        or max(width, height) > max_side
+        or not data.rstrip(b"\x00\r\n ").endswith(_EOI)
+        or orientation not in range(1, 9)
+    ):
+        return None
+    if orientation >= 5:  # the transposing orientations swap the sides
+        width, height = height, width
+    return EncodedJpeg(data, height, width, orientation)
+
+
+def decode_or_defer(
+    data: bytes, max_image_pixels: int, max_side: int, defer_jpeg: bool
+) -> DecodedImage | EncodedJpeg:
+    """``decode``, or with ``defer_jpeg`` a JPEG the device can decode left encoded."""
+    if defer_jpeg and (jpeg := probe_jpeg(data, max_image_pixels, max_side)) is not None:
+        return jpeg
+    return decode(data, max_image_pixels, max_side)
+
+
 def decode(data: bytes, max_image_pixels: int, max_side: int) -> DecodedImage:
     if not data:
         raise CodecError(400, "empty body: send the image bytes")

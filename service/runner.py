@@ -26,9 +26,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from service.codecs import EncodedJpeg
+from service.device_jpeg import decode_on_device
 from service.staging import HostBuffers
 
 log = logging.getLogger(__name__)
+
+
+ModelInput = np.ndarray | EncodedJpeg
+"""An H x W x 3 uint8 image, or a JPEG the runner decodes on its device."""
 
 
 class DeviceOutOfMemory(RuntimeError):
@@ -37,8 +43,9 @@ class DeviceOutOfMemory(RuntimeError):
 
 @dataclass
 class Prediction:
-    labels: list[np.ndarray]
-    """One H x W uint8 map per input image, at the input's size."""
+    labels: list[np.ndarray | Exception]
+    """One H x W uint8 map per input image, at the input's size; with images decoded on the
+    device, the decoding error of an image that had none (its batch-mates are unaffected)."""
     passes: list[tuple[int, float]] = field(default_factory=list)
     """(images, seconds) of every forward pass run; more than one after an OOM split."""
 
@@ -58,7 +65,9 @@ class InFlight:
         out: torch.Tensor,
         start: torch.cuda.Event,
         done: torch.cuda.Event,
+        failed: dict[int, Exception],
     ) -> None:
+        self._failed = failed
         self._runner = runner
         self._sizes = sizes
         self._lent = lent
@@ -69,16 +78,22 @@ class InFlight:
     def wait(self) -> Prediction:
         try:
             self._done.synchronize()
-            labels = crop(self._out.numpy(), self._sizes)
+            labels = crop(self._out.numpy(), self._sizes, self._failed)
             seconds = self._start.elapsed_time(self._done) / 1000.0  # device time
         finally:
             self._runner.buffers.give(*self._lent)  # the copies have finished
         return Prediction(labels, [(len(self._sizes), seconds)])
 
 
-def crop(labels: np.ndarray, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-    """Each image's own H x W out of the padded N x Hb x Wb batch (copies: buffers are reused)."""
-    return [np.ascontiguousarray(labels[i, :h, :w]) for i, (h, w) in enumerate(sizes)]
+def crop(
+    labels: np.ndarray, sizes: Sequence[tuple[int, int]], failed: dict[int, Exception]
+) -> list[np.ndarray | Exception]:
+    """Each image's own H x W out of the padded N x Hb x Wb batch (copies: buffers are reused),
+    or the error of an image that could not be decoded."""
+    return [
+        failed[i] if i in failed else np.ascontiguousarray(labels[i, :h, :w])
+        for i, (h, w) in enumerate(sizes)
+    ]
 
 
 CUDA_GRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
@@ -168,11 +183,11 @@ class Runner:
             else None
         )
 
-    def predict(self, images: Sequence[np.ndarray]) -> Prediction:
+    def predict(self, images: Sequence[ModelInput]) -> Prediction:
         """H x W x 3 uint8 images of one bucket -> their label maps; OOM splits in halves."""
         return self.launch(images).wait()
 
-    def launch(self, images: Sequence[np.ndarray]) -> Prediction | InFlight:
+    def launch(self, images: Sequence[ModelInput]) -> Prediction | InFlight:
         """Queue a batch on the device and return without waiting for it (CUDA).
 
         The caller may stage and launch the next batch before calling ``wait`` on this one;
@@ -182,7 +197,7 @@ class Runner:
             return self._launch_splitting(list(images))
         return self._device_thread.submit(self._launch_splitting, list(images)).result()
 
-    def _launch_splitting(self, images: list[np.ndarray]) -> Prediction | InFlight:
+    def _launch_splitting(self, images: list[ModelInput]) -> Prediction | InFlight:
         try:
             return self._launch(images)
         except torch.cuda.OutOfMemoryError as exc:
@@ -201,7 +216,7 @@ class Runner:
             second = self._launch_splitting(images[half:]).wait()
             return Prediction(first.labels + second.labels, first.passes + second.passes)
 
-    def _launch(self, images: list[np.ndarray]) -> Prediction | InFlight:
+    def _launch(self, images: list[ModelInput]) -> Prediction | InFlight:
         sizes = [im.shape[:2] for im in images]
         hb, wb = bucket_of(max(h for h, _ in sizes), max(w for _, w in sizes), self.bucket_multiple)
         # Compiled: round the batch up to a warmed-up size (the extra images are discarded),
@@ -212,12 +227,17 @@ class Runner:
         lent = [host]
         try:
             staging = host.numpy()  # shares memory with host (pinned on CUDA)
+            jpegs: dict[int, EncodedJpeg] = {}
             for i, (im, (h, w)) in enumerate(zip(images, sizes, strict=True)):
-                staging[i, :h, :w] = im
+                if isinstance(im, EncodedJpeg):
+                    jpegs[i] = im  # decoded straight into the device batch, below
+                else:
+                    staging[i, :h, :w] = im
             if self.device.type == "cuda":
-                return self._launch_cuda(host, sizes, lent)
+                return self._launch_cuda(host, sizes, jpegs, lent)
             start = time.perf_counter()
             with torch.inference_mode():
+                failed = self._decode_into(host, jpegs)
                 x = self._normalized(host, sizes)
                 self.buffers.give(*lent)  # x is a copy: the staging buffer is free again
                 lent = []
@@ -226,7 +246,7 @@ class Runner:
                 else:
                     labels = self._labels(x)
             seconds = time.perf_counter() - start
-            return Prediction(crop(labels.numpy(), sizes), [(len(images), seconds)])
+            return Prediction(crop(labels.numpy(), sizes, failed), [(len(images), seconds)])
         except BaseException:
             if self._copy_stream is not None:
                 self._copy_stream.synchronize()  # no copy may still read a buffer given back
@@ -234,7 +254,11 @@ class Runner:
             raise
 
     def _launch_cuda(
-        self, host: torch.Tensor, sizes: list[tuple[int, int]], lent: list[torch.Tensor]
+        self,
+        host: torch.Tensor,
+        sizes: list[tuple[int, int]],
+        jpegs: dict[int, EncodedJpeg],
+        lent: list[torch.Tensor],
     ) -> InFlight:
         """Copy in on the copy stream, compute on the current one, copy labels out pinned."""
         stream = torch.cuda.current_stream(self.device)
@@ -244,6 +268,8 @@ class Runner:
             # of the batch launched before this one.
             with torch.cuda.stream(self._copy_stream):
                 x = host.to(self.device, non_blocking=True)
+                # nvJPEG gets a stream with nothing else on it (see decode_on_device).
+                failed = self._decode_into(x, jpegs)
             stream.wait_stream(self._copy_stream)
             x.record_stream(stream)  # the allocator must not reuse x before compute ends
             start = torch.cuda.Event(enable_timing=True)
@@ -254,7 +280,28 @@ class Runner:
             out.copy_(labels, non_blocking=True)
             done = torch.cuda.Event(enable_timing=True)
             done.record(stream)
-        return InFlight(self, sizes, lent, out, start, done)
+        return InFlight(self, sizes, lent, out, start, done, failed)
+
+    def _decode_into(self, x: torch.Tensor, jpegs: dict[int, EncodedJpeg]) -> dict[int, Exception]:
+        """Decode the batch's JPEGs into their rows of ``x`` (N x H x W x 3, on the device).
+
+        Returns the images that failed to decode; their rows hold whatever was there.
+        """
+        if not jpegs:
+            return {}
+        failed: dict[int, Exception] = {}
+        if self.device.type == "cuda":
+            # nvJPEG writes from a private stream into memory taken on the current one
+            # without waiting for it (pytorch/vision#9606): let pending copies, which may
+            # read memory freed to this stream, finish first. Only copies run here.
+            torch.cuda.current_stream(self.device).synchronize()
+        decoded = decode_on_device(list(jpegs.values()), self.device)
+        for i, image in zip(jpegs, decoded, strict=True):
+            if isinstance(image, Exception):
+                failed[i] = image
+            else:
+                x[i, : image.shape[0], : image.shape[1]] = image
+        return failed
 
     def _normalized(self, x: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
         """uint8 N x H x W x 3 -> normalised N x 3 x H x W with the padding set to zero."""

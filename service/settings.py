@@ -114,6 +114,13 @@ class Settings(BaseSettings):
         description="CUDA: cuDNN times its algorithms once per input shape; pays off because "
         "size buckets keep the shapes few.",
     )
+    decode_on_device: bool = Field(
+        False,
+        description="Decode JPEGs on the model's device (nvJPEG on CUDA, via "
+        "`torchvision.io.decode_jpeg`), a batch at a time, when the answer needs no pixels "
+        "(label maps, JSON); the codec threads then only check headers. Other formats, "
+        "CMYK, images to downscale and overlays decode on the CPU as usual.",
+    )
     pipeline_depth: int = Field(
         2,
         ge=1,
