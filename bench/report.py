@@ -28,7 +28,7 @@ def markdown(report: BenchReport) -> str:
         + (f", CUDA {m.cuda}" if m.cuda else "")
         + f", Python {m.python}",
         f"- Load average at start: {m.load_average}; preset `{report.plan.preset}`; "
-        f"run took {report.duration_s:.0f} s",
+        f"run took {report.duration_s:.0f} s; code {report.code or 'unknown'}",
     ]
     lines += [f"- {n}" for n in report.notes]
     lines += ["", "## Targets", "", "| Target | Goal | Measured | Met |", "|---|---|---|---|"]

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import datetime as dt
 import os
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -119,8 +120,23 @@ def make_plan(preset: str, device: str) -> Plan:
                 "FCN_MAX_BATCH_PIXELS": str(32 * 384 * 512),
                 "FCN_MAX_QUEUE_SIZE": "256",
             },
+            # Each fast-path switch measured against the service's defaults, in the same run.
+            service_variants={
+                "service-no-pipeline": {"FCN_PIPELINE_DEPTH": "1"},
+                "service-channels-last": {"FCN_CHANNELS_LAST": "true"},
+                "service-device-decode": {"FCN_DECODE_ON_DEVICE": "true"},
+                "service-cuda-graphs": {
+                    "FCN_COMPILE": "true",
+                    "FCN_COMPILE_MODE": "reduce-overhead",
+                },
+            },
         )
     quick = preset == "quick"
+    cpu_workers = {
+        "FCN_TORCH_THREADS": "1",
+        "FCN_CPU_WORKERS": str(os.cpu_count() or 1),
+        "FCN_MAX_BATCH_SIZE": str(os.cpu_count() or 1),
+    }
     return Plan(
         preset=preset,
         device=device,
@@ -142,11 +158,10 @@ def make_plan(preset: str, device: str) -> Plan:
         service_env={},
         # On CPUs one image per thread beats batching and intra-op threads: a worker per core.
         service_variants={
-            "service-cpu-workers": {
-                "FCN_TORCH_THREADS": "1",
-                "FCN_CPU_WORKERS": str(os.cpu_count() or 1),
-                "FCN_MAX_BATCH_SIZE": str(os.cpu_count() or 1),
-            }
+            "service-cpu-workers": cpu_workers,
+            # The switches, each on top of the CPU settings.
+            "service-cpu-workers-no-pipeline": {**cpu_workers, "FCN_PIPELINE_DEPTH": "1"},
+            "service-cpu-workers-device-decode": {**cpu_workers, "FCN_DECODE_ON_DEVICE": "true"},
         },
     )
 
@@ -177,6 +192,7 @@ class MemoryCheck(BaseModel):
 
 class BenchReport(BaseModel):
     created: str
+    code: str | None = None  # git commit of the code measured, "+dirty" with local changes
     machine: MachineInfo
     plan: Plan
     duration_s: float
@@ -395,6 +411,26 @@ def run_scenario(
     return scenario, check
 
 
+def code_version() -> str | None:
+    """The commit measured, so figures can be traced to code; None outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True
+        )
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        )
+    except OSError:
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+
+
 def display_path(path: Path) -> str:
     """Repository-relative when inside it, so results do not record a home directory."""
     full = path.resolve()
@@ -479,6 +515,7 @@ def run(
     when = dt.datetime.now(dt.timezone.utc)
     report = BenchReport(
         created=when.isoformat(timespec="seconds"),
+        code=code_version(),
         machine=machine,
         plan=plan,
         duration_s=round(time.perf_counter() - started, 1),

@@ -287,9 +287,7 @@ async def decode_all(
     defer = s.decode_on_device and not need_pixels
     outcomes = await asyncio.gather(
         *(
-            state.in_codec_pool(
-                codecs.decode_or_defer, b, s.max_image_pixels, s.max_side, defer
-            )
+            state.in_codec_pool(codecs.decode_or_defer, b, s.max_image_pixels, s.max_side, defer)
             for b in blobs
         ),
         return_exceptions=True,

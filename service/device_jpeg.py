@@ -55,11 +55,15 @@ def decode_on_device(
     raw = [torch.frombuffer(bytearray(j.data), dtype=torch.uint8) for j in jpegs]
     try:
         decoded: list[torch.Tensor | None] = list(_decode(raw, device))
+    except torch.cuda.OutOfMemoryError:
+        raise  # the runner splits the batch
     except RuntimeError:
         decoded = []
         for one in raw:
             try:
                 decoded.extend(_decode([one], device))
+            except torch.cuda.OutOfMemoryError:
+                raise
             except RuntimeError:
                 decoded.append(None)
     out: list[torch.Tensor | CodecError] = []
@@ -72,9 +76,15 @@ def decode_on_device(
 
 
 def _decode(raw: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    if device.type == "cuda":
+    if device.type != "cuda":
+        return [decode_jpeg(one, mode=ImageReadMode.RGB) for one in raw]
+    try:
         return list(decode_jpeg(raw, mode=ImageReadMode.RGB, device=device))
-    return [decode_jpeg(one, mode=ImageReadMode.RGB) for one in raw]
+    except RuntimeError:
+        # A failure skips nvJPEG's own final sync: its stream may still be writing into
+        # outputs already freed to ours.
+        torch.cuda.synchronize(device)
+        raise
 
 
 def _with_pillow(jpeg: EncodedJpeg, device: torch.device) -> torch.Tensor | CodecError:

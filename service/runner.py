@@ -91,8 +91,7 @@ def crop(
     """Each image's own H x W out of the padded N x Hb x Wb batch (copies: buffers are reused),
     or the error of an image that could not be decoded."""
     return [
-        failed[i] if i in failed else np.ascontiguousarray(labels[i, :h, :w])
-        for i, (h, w) in enumerate(sizes)
+        failed[i] if i in failed else labels[i, :h, :w].copy() for i, (h, w) in enumerate(sizes)
     ]
 
 
@@ -201,20 +200,21 @@ class Runner:
         try:
             return self._launch(images)
         except torch.cuda.OutOfMemoryError as exc:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
             if len(images) == 1:
                 h, w = images[0].shape[:2]
                 raise DeviceOutOfMemory(
                     f"a {w}x{h} image does not fit in the device's memory"
                 ) from exc
             log.warning("out of memory on a batch of %d; splitting and retrying", len(images))
-            if self.on_oom_split is not None:
-                self.on_oom_split()
-            half = len(images) // 2
-            first = self._launch_splitting(images[:half]).wait()
-            second = self._launch_splitting(images[half:]).wait()
-            return Prediction(first.labels + second.labels, first.passes + second.passes)
+        # Retried outside the handler: its traceback holds the failed batch's tensors.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.on_oom_split is not None:
+            self.on_oom_split()
+        half = len(images) // 2
+        first = self._launch_splitting(images[:half]).wait()
+        second = self._launch_splitting(images[half:]).wait()
+        return Prediction(first.labels + second.labels, first.passes + second.passes)
 
     def _launch(self, images: list[ModelInput]) -> Prediction | InFlight:
         sizes = [im.shape[:2] for im in images]
@@ -242,14 +242,15 @@ class Runner:
                 self.buffers.give(*lent)  # x is a copy: the staging buffer is free again
                 lent = []
                 if self._pool is not None and len(images) > 1:
-                    labels = torch.cat(list(self._pool.map(self._labels, x.split(1))))
+                    real = x[: len(images)].split(1)  # not the rows a compiled batch adds
+                    labels = torch.cat(list(self._pool.map(self._labels, real)))
                 else:
                     labels = self._labels(x)
             seconds = time.perf_counter() - start
             return Prediction(crop(labels.numpy(), sizes, failed), [(len(images), seconds)])
         except BaseException:
-            if self._copy_stream is not None:
-                self._copy_stream.synchronize()  # no copy may still read a buffer given back
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # no copy may still use a buffer given back
             self.buffers.give(*lent)
             raise
 

@@ -26,6 +26,7 @@ class HostBuffers:
         self.pinned = pinned
         self.max_idle = max_idle
         self._idle: list[torch.Tensor] = []
+        self._lent: dict[int, torch.Tensor] = {}  # data_ptr of a lent view -> its buffer
         self._lock = threading.Lock()
         self.allocations = 0
         """How many buffers were ever allocated (the rest of the takes were reuses)."""
@@ -39,16 +40,20 @@ class HostBuffers:
             flat = self._idle.pop(fits[-1]) if fits else None
         if flat is None:
             size = max(_CHUNK, -(-nbytes // _CHUNK) * _CHUNK)
-            flat = torch.empty(size, dtype=torch.uint8, pin_memory=self.pinned)
+            # A normal tensor even when called under inference_mode (the pool outlives it).
+            with torch.inference_mode(False):
+                flat = torch.empty(size, dtype=torch.uint8, pin_memory=self.pinned)
             self.allocations += 1
-        return flat[:nbytes].view(shape)
+        view = flat[:nbytes].view(shape)
+        with self._lock:
+            self._lent[view.data_ptr()] = flat
+        return view
 
     def give(self, *tensors: torch.Tensor) -> None:
         """Return tensors from ``take`` once nothing (no pending copy) reads them any more."""
         with self._lock:
             for t in tensors:
-                base = t._base if t._base is not None else t
-                self._idle.append(base)
+                self._idle.append(self._lent.pop(t.data_ptr()))
             # Keep the largest: they serve every smaller request.
             self._idle.sort(key=torch.Tensor.numel, reverse=True)
             del self._idle[self.max_idle :]

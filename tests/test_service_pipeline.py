@@ -17,7 +17,7 @@ import torch
 from fcn_core.weights import LoadedWeights
 from service.batcher import DynamicBatcher
 from service.metrics import Metrics
-from service.runner import Prediction, Runner
+from service.runner import Prediction, Runner, crop
 from service.staging import HostBuffers
 from tests.conftest import predict, random_rgb
 
@@ -176,3 +176,24 @@ def test_compiled_runner_rounds_batches_up_to_warmed_sizes_and_never_compiles_se
         with torch.inference_mode():
             expected = loaded.model(loaded.meta.normalization(x)).argmax(1)[0].to(torch.uint8)
         assert np.array_equal(labels, expected.numpy())
+
+
+def test_buffers_taken_under_inference_mode_are_reused_for_any_shape() -> None:
+    # The runner takes its output buffer inside inference_mode (CUDA path).
+    buffers = HostBuffers(pinned=False)
+    with torch.inference_mode():
+        first = buffers.take((8, 384, 480))
+        first.fill_(1)
+        buffers.give(first)
+        second = buffers.take((1, 256, 256))  # another shape out of the same buffer
+        assert second.shape == (1, 256, 256) and second.data_ptr() == first.data_ptr()
+        buffers.give(second)
+    assert buffers.allocations == 1
+
+
+def test_cropped_labels_never_share_memory_with_the_reused_buffer() -> None:
+    batch = np.arange(2 * 4 * 96, dtype=np.uint8).reshape(2, 4, 96) % 11
+    # Full bucket width and a single row: the cases where a slice is already contiguous.
+    out = crop(batch, [(4, 96), (1, 50)], {})
+    assert all(not np.shares_memory(labels, batch) for labels in out)
+    assert np.array_equal(out[0], batch[0]) and np.array_equal(out[1], batch[1, :1, :50])
