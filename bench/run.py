@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import os
 import subprocess
 import tempfile
 import time
@@ -132,11 +131,6 @@ def make_plan(preset: str, device: str) -> Plan:
             },
         )
     quick = preset == "quick"
-    cpu_workers = {
-        "FCN_TORCH_THREADS": "1",
-        "FCN_CPU_WORKERS": str(os.cpu_count() or 1),
-        "FCN_MAX_BATCH_SIZE": str(os.cpu_count() or 1),
-    }
     return Plan(
         preset=preset,
         device=device,
@@ -156,12 +150,12 @@ def make_plan(preset: str, device: str) -> Plan:
         vgg16_model_batches=[] if quick else [1],
         vgg16_model_iters=2,
         service_env={},
-        # On CPUs one image per thread beats batching and intra-op threads: a worker per core.
+        # The service's CPU defaults (a worker per core, one torch thread each) against GPU-style
+        # batching on intra-op threads, and each switch on top of the defaults.
         service_variants={
-            "service-cpu-workers": cpu_workers,
-            # The switches, each on top of the CPU settings.
-            "service-cpu-workers-no-pipeline": {**cpu_workers, "FCN_PIPELINE_DEPTH": "1"},
-            "service-cpu-workers-device-decode": {**cpu_workers, "FCN_DECODE_ON_DEVICE": "true"},
+            "service-batching": {"FCN_CPU_WORKERS": "1", "FCN_MAX_BATCH_SIZE": "8"},
+            "service-no-pipeline": {"FCN_PIPELINE_DEPTH": "1"},
+            "service-device-decode": {"FCN_DECODE_ON_DEVICE": "true"},
         },
     )
 

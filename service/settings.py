@@ -33,7 +33,12 @@ class Settings(BaseSettings):
         "fp32",
         description="Autocast precision on CUDA (`bf16`/`fp16`); the CPU always runs fp32.",
     )
-    max_batch_size: int = Field(8, ge=1, description="Most images in one forward pass.")
+    max_batch_size: int = Field(
+        0,
+        ge=0,
+        description="Most images in one forward pass (0: 8 on CUDA; on the CPU the worker "
+        "count, as batching does not make CPU convolutions faster).",
+    )
     max_batch_pixels: int = Field(
         4 * 1024 * 1024,
         ge=1,
@@ -88,7 +93,12 @@ class Settings(BaseSettings):
         description="Threads that decode and encode images, off the event loop "
         "(0: min(4, CPU count)).",
     )
-    torch_threads: int = Field(0, ge=0, description="CPU threads for torch (0: torch's default).")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads for torch (0: one per worker when the CPU runs several "
+        "workers, else torch's default).",
+    )
     channels_last: bool = Field(
         False,
         description="Run convolutions on NHWC (channels-last) tensors: faster with cuDNN "
@@ -131,11 +141,12 @@ class Settings(BaseSettings):
         "batches strictly one after another.",
     )
     cpu_workers: int = Field(
-        1,
-        ge=1,
+        0,
+        ge=0,
         description="CPU only: a batch's images run as parallel single-image forward passes "
-        "on this many threads. On CPUs, request-level parallelism (one thread per image, "
-        "`FCN_TORCH_THREADS=1`) beats both batching and intra-op threads; set it to the core count.",
+        "on this many threads, each with one torch thread; on CPUs that beats both batching "
+        "and intra-op threads (0: one per core this process may use; under a container CPU "
+        "quota, set it to the quota).",
     )
     api_key: SecretStr | None = Field(
         None,
@@ -179,6 +190,22 @@ class Settings(BaseSettings):
         beside_package = PACKAGE_ROOT / path
         return beside_package if beside_package.exists() else path
 
+    def resolved_cpu_workers(self, device_type: str) -> int:
+        if device_type != "cpu":
+            return 1
+        return self.cpu_workers or usable_cores()
+
+    def resolved_max_batch_size(self, device_type: str) -> int:
+        if self.max_batch_size:
+            return self.max_batch_size
+        return 8 if device_type != "cpu" else self.resolved_cpu_workers(device_type)
+
+    def resolved_torch_threads(self, device_type: str) -> int:
+        """Threads to set, or 0 to leave torch's default."""
+        if self.torch_threads:
+            return self.torch_threads
+        return 1 if self.resolved_cpu_workers(device_type) > 1 else 0
+
     def resolved_codec_threads(self) -> int:
         return self.codec_threads or min(4, os.cpu_count() or 1)
 
@@ -195,6 +222,13 @@ class Settings(BaseSettings):
             shown = "unset" if default is None else f"`{default}`"
             rows.append(f"| `FCN_{name.upper()}` | {shown} | {field.description} |")
         return "\n".join(rows)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _split(sizes: str) -> list[str]:

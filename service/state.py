@@ -60,13 +60,13 @@ class ServiceState:
     def start(self) -> None:
         """Blocking: load, warm up, start the worker, report ready."""
         s = self.settings
-        if s.torch_threads:
-            torch.set_num_threads(s.torch_threads)
+        device = resolve_device(s.device)
+        if threads := s.resolved_torch_threads(device.type):
+            torch.set_num_threads(threads)
         if self._model is None:
             loaded = load_served_model(s)
             self._model, self.meta = loaded.model, loaded.meta
         assert self.meta is not None
-        device = resolve_device(s.device)
         self.runner = Runner(
             self._model,
             self.meta.normalization,
@@ -74,7 +74,7 @@ class ServiceState:
             s.precision,
             s.bucket_multiple,
             on_oom_split=self.metrics.oom_splits.inc,
-            cpu_workers=s.cpu_workers,
+            cpu_workers=s.resolved_cpu_workers(device.type),
             channels_last=s.channels_last,
             compile=s.compile,
             compile_mode=s.compile_mode,
@@ -83,7 +83,7 @@ class ServiceState:
         self.batcher = DynamicBatcher(
             self.runner.launch,
             self.metrics,
-            max_batch_size=s.max_batch_size,
+            max_batch_size=s.resolved_max_batch_size(device.type),
             max_batch_pixels=s.max_batch_pixels,
             max_queue_delay_ms=s.max_queue_delay_ms,
             max_queue_size=s.max_queue_size,

@@ -14,6 +14,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +69,17 @@ def reference(service_weights: Path) -> LoadedWeights:
     return load_weights(service_weights)
 
 
+# References run on one torch thread, as the test servers do (``torch_threads=1`` below): the
+# untrained test model has near-ties that another thread count can flip.
+_ONE_THREAD = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,))
+
+
 def predict(reference: LoadedWeights, rgb: np.ndarray) -> np.ndarray:
     """The model's own label map for one H x W x 3 uint8 image."""
+    return _ONE_THREAD.submit(_predict, reference, rgb).result()
+
+
+def _predict(reference: LoadedWeights, rgb: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)[None]
     with torch.inference_mode():
         logits = reference.model(reference.meta.normalization(x))
@@ -145,6 +155,7 @@ def test_settings(default_weights: Path, **overrides: object) -> Settings:
         "warmup": False,
         "codec_threads": 2,
         "max_queue_delay_ms": 2.0,
+        "torch_threads": 1,  # as the references (predict) are computed; workers stay automatic
     }
     values.update(overrides)
     return Settings(**values)

@@ -41,7 +41,10 @@ def test_concurrent_requests_are_batched_and_exact(
     serve: ServeFactory, reference: LoadedWeights, service_weights: Path
 ) -> None:
     model = InstrumentedModel(load_weights(service_weights).model, delay_s=0.05)
-    live = serve(model=model, meta=reference.meta, max_queue_delay_ms=100, max_batch_size=8)
+    # One CPU worker, so the model itself gets the whole batch (as a GPU would).
+    live = serve(
+        model=model, meta=reference.meta, max_queue_delay_ms=100, max_batch_size=8, cpu_workers=1
+    )
     # Three sizes, two buckets: 64x64 (60x50, 64x40) and 96x128 (90x100).
     images = [
         random_rgb(h, w, seed=i) for i, (h, w) in enumerate([(60, 50), (64, 40), (90, 100)] * 6)

@@ -19,7 +19,7 @@ from PIL import Image
 from fcn_core.weights import LoadedWeights, read_metadata
 from service.cli import main
 from service.settings import DEFAULT_WEIGHTS, PACKAGE_ROOT, Settings
-from tests.conftest import DEMO_PHOTOS, labels_from_png, predict
+from tests.conftest import DEMO_PHOTOS, LiveServer, labels_from_png, predict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,7 +122,7 @@ def test_bad_settings_are_refused(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("FCN_PRECISION", "fp8")
-    monkeypatch.setenv("FCN_MAX_BATCH_SIZE", "0")
+    monkeypatch.setenv("FCN_MAX_BATCH_SIZE", "-1")
     assert main([]) == 2
     err = capsys.readouterr().err
     assert "precision" in err and "max_batch_size" in err
@@ -198,3 +198,30 @@ def test_readme_settings_table_is_the_codes() -> None:
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert Settings.table() in readme
+
+
+def test_automatic_settings_follow_the_device() -> None:
+    from service.settings import usable_cores
+
+    auto = Settings()
+    cores = usable_cores()
+    assert (auto.resolved_cpu_workers("cpu"), auto.resolved_cpu_workers("cuda")) == (cores, 1)
+    assert auto.resolved_max_batch_size("cpu") == cores  # a batch = one image per worker
+    assert auto.resolved_max_batch_size("cuda") == 8
+    assert auto.resolved_torch_threads("cuda") == 0  # torch's default
+    assert auto.resolved_torch_threads("cpu") == (1 if cores > 1 else 0)
+    chosen = Settings(cpu_workers=3, max_batch_size=5, torch_threads=2)
+    assert chosen.resolved_cpu_workers("cpu") == 3
+    assert chosen.resolved_max_batch_size("cuda") == chosen.resolved_max_batch_size("cpu") == 5
+    assert chosen.resolved_torch_threads("cpu") == 2
+
+
+def test_a_default_cpu_server_runs_a_worker_per_core(live: LiveServer) -> None:
+    from service.settings import usable_cores
+
+    state = live.state
+    assert state.runner is not None and state.batcher is not None
+    workers = usable_cores()
+    pool = state.runner._pool
+    assert (pool._max_workers if pool else 1) == workers
+    assert state.batcher.max_batch_size == workers

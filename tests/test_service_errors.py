@@ -285,7 +285,10 @@ def test_out_of_memory_splits_the_batch_and_retries(
 ) -> None:
     # The model fails like a full GPU for batches above 2 and for images wider than 200.
     model = InstrumentedModel(load_weights(service_weights).model, oom_above=2, oom_wider_than=200)
-    live = serve(model=model, meta=reference.meta, max_batch_size=8, max_queue_delay_ms=1000)
+    # One CPU worker, so the model itself gets the whole batch (as a GPU would).
+    live = serve(
+        model=model, meta=reference.meta, max_batch_size=8, max_queue_delay_ms=1000, cpu_workers=1
+    )
     images = [random_rgb(40, 40, seed=i) for i in range(6)]
     with ThreadPoolExecutor(6) as pool:
         responses = list(
