@@ -135,7 +135,7 @@ def make_plan(preset: str, device: str) -> Plan:
         preset=preset,
         device=device,
         concurrency=[1, 8] if quick else [1, 4, 8, 16],
-        requests_per_level=16 if quick else 40,
+        requests_per_level=16 if quick else 120,  # short levels swing by 10-15 %
         seconds_per_level=20 if quick else 40,
         memory_requests=200 if quick else 2000,
         memory_concurrency=8,
