@@ -446,6 +446,7 @@ def run(
     log: Callable[[str], None] = print,
 ) -> tuple[BenchReport, Path]:
     started = time.perf_counter()
+    code = code_version()  # at the start: the servers this run spawns import this code
     notes = list(notes)
     machine = describe(plan.device)
     log(f"fcn-bench ({plan.preset}) on {machine.device_name}, torch {machine.torch}")
@@ -509,7 +510,7 @@ def run(
     when = dt.datetime.now(dt.timezone.utc)
     report = BenchReport(
         created=when.isoformat(timespec="seconds"),
-        code=code_version(),
+        code=code,
         machine=machine,
         plan=plan,
         duration_s=round(time.perf_counter() - started, 1),
