@@ -405,6 +405,16 @@ def run_scenario(
     return scenario, check
 
 
+def select_variants(plan: Plan, names: str) -> None:
+    """Keep only the named service variants ('none': none of them)."""
+    wanted = [] if names.strip() == "none" else [n.strip() for n in names.split(",") if n.strip()]
+    unknown = sorted(set(wanted) - set(plan.service_variants))
+    if unknown:
+        known = ", ".join(plan.service_variants) or "none"
+        raise ValueError(f"unknown variants {unknown}; this plan has: {known}")
+    plan.service_variants = {n: plan.service_variants[n] for n in wanted}
+
+
 def code_version() -> str | None:
     """The commit measured, so figures can be traced to code; None outside a git checkout."""
     root = Path(__file__).resolve().parents[1]
@@ -543,6 +553,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency", help="override the preset's levels, e.g. 1,8")
     p.add_argument("--memory-requests", type=int, help="override the preset's memory run")
     p.add_argument(
+        "--variants",
+        help="service variants to run besides the defaults, comma-separated, or 'none' "
+        "(default: all of the preset's; a GPU run may need splitting to fit a time limit)",
+    )
+    p.add_argument(
         "--note",
         action="append",
         default=[],
@@ -554,6 +569,11 @@ def main(argv: list[str] | None = None) -> None:
         plan.concurrency = [int(c) for c in a.concurrency.split(",")]
     if a.memory_requests is not None:
         plan.memory_requests = a.memory_requests
+    if a.variants is not None:
+        try:
+            select_variants(plan, a.variants)
+        except ValueError as exc:
+            p.error(str(exc))
     run(
         plan,
         weights=a.weights,

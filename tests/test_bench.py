@@ -170,3 +170,16 @@ def test_fp16_labels_agree_with_fp32_on_real_photos() -> None:
     result = label_agreement(loaded.model, loaded.meta.normalization, photos, "fp16")
     assert result.pixels == 6 * 480 * 360
     assert result.agreement >= 0.995
+
+
+def test_variants_can_be_chosen_by_name() -> None:
+    from bench.run import select_variants
+
+    plan = make_plan("full", "cuda")
+    assert "service-cuda-graphs" in plan.service_variants
+    select_variants(plan, "service-cuda-graphs, service-device-decode")
+    assert list(plan.service_variants) == ["service-cuda-graphs", "service-device-decode"]
+    with pytest.raises(ValueError, match="unknown variants"):
+        select_variants(plan, "service-warp-drive")
+    select_variants(plan, "none")
+    assert plan.service_variants == {}
