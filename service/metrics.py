@@ -62,7 +62,8 @@ class Metrics:
         )
         self.inference_duration = Histogram(
             "fcn_inference_duration_seconds",
-            "Device time of one batch: copy in, forward, argmax, copy out.",
+            "Time of one batch on the device: normalise, forward, argmax, copy out "
+            "(CUDA events on a GPU, so time queued behind the previous batch is not counted).",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )

@@ -7,6 +7,7 @@ the documentation of every field, so the README cannot drift from the code.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -145,8 +146,8 @@ class Settings(BaseSettings):
         ge=0,
         description="CPU only: a batch's images run as parallel single-image forward passes "
         "on this many threads, each with one torch thread; on CPUs that beats both batching "
-        "and intra-op threads (0: one per core this process may use; under a container CPU "
-        "quota, set it to the quota).",
+        "and intra-op threads (0: one per core this process may use, after its affinity mask "
+        "and a cgroup CPU quota).",
     )
     api_key: SecretStr | None = Field(
         None,
@@ -224,11 +225,21 @@ class Settings(BaseSettings):
         return "\n".join(rows)
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """Cores this process may use: its affinity mask (a container's cpuset), cut by a cgroup v2
+    CPU quota (``docker run --cpus``, a Kubernetes CPU limit), which the mask does not show."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota to read
+    return cores
 
 
 def _split(sizes: str) -> list[str]:

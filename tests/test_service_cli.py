@@ -225,3 +225,18 @@ def test_a_default_cpu_server_runs_a_worker_per_core(live: LiveServer) -> None:
     pool = state.runner._pool
     assert (pool._max_workers if pool else 1) == workers
     assert state.batcher.max_batch_size == workers
+
+
+def test_usable_cores_honour_a_cgroup_cpu_quota(tmp_path: Path) -> None:
+    from service.settings import usable_cores
+
+    unlimited = usable_cores(tmp_path / "absent")
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")
+    assert usable_cores(cpu_max) == unlimited
+    cpu_max.write_text("150000 100000\n")  # docker run --cpus 1.5
+    assert usable_cores(cpu_max) == min(unlimited, 2)
+    cpu_max.write_text("50000 100000\n")
+    assert usable_cores(cpu_max) == 1
+    cpu_max.write_text("garbage\n")
+    assert usable_cores(cpu_max) == unlimited
