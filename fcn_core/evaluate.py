@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fcn_core.data import DATASETS, build_dataset, pad_collate
+from fcn_core.data import CLASS_NAMES, DATASETS, build_dataset, pad_collate
 from fcn_core.metrics import confusion_matrix, scores
 from fcn_core.preprocess import Normalization
-from fcn_core.weights import WeightsError, load_weights
+from fcn_core.weights import LoadedWeights, WeightsError, WeightsMetadata, load_weights
 
 
 @torch.no_grad()
@@ -93,7 +93,7 @@ def evaluate(
 
 def format_table(result: dict, class_names: Sequence[str]) -> str:
     lines = [f"{'metric':<22}{'value':>8}"]
-    for key in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu"):
+    for key in ("pixel_acc", "mean_acc", "mean_iu", "mean_iu_present", "fw_iu"):
         lines.append(f"{key:<22}{result[key]:>8.4f}")
     lines.append("")
     lines.append(f"{'class':<22}{'IU':>8}")
@@ -102,12 +102,42 @@ def format_table(result: dict, class_names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def load_model(args: argparse.Namespace) -> LoadedWeights:
+    if args.weights:
+        return load_weights(args.weights, device=args.device)
+    from fcn_core.teachers import RAW_PIXELS, TeacherModule, TFLiteTeacher
+
+    teacher = TFLiteTeacher(args.teacher)
+    classes = build_dataset(
+        args.dataset, args.data_root, args.split, num_classes=teacher.num_classes
+    )
+    meta = WeightsMetadata(
+        arch="teacher",
+        backbone=Path(args.teacher).name,
+        class_names=classes.class_names,
+        palette=classes.palette,
+        normalization=RAW_PIXELS,
+        sha256=teacher.sha256,
+    )
+    args.device, args.batch_size = "cpu", 1  # the teacher runs on the CPU, a photo at a time
+    return LoadedWeights(TeacherModule(teacher), meta)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fcn-eval", description=__doc__)
-    p.add_argument("--weights", required=True, help="a .safetensors weights file")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--weights", help="a .safetensors weights file")
+    model.add_argument(
+        "--teacher",
+        help="a teacher model to score instead (a TFLite file, as fcn-train --teacher takes); "
+        "its classes are the data set's",
+    )
     p.add_argument("--dataset", required=True, choices=DATASETS)
     p.add_argument("--data-root", help="root of the data set (not needed for synthetic)")
     p.add_argument("--split", default="val")
+    p.add_argument(
+        "--classes", choices=sorted(CLASS_NAMES), help="--teacher on a folder data set: its classes"
+    )
     p.add_argument("--json", type=Path, help="write the metrics here as JSON")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=1)
@@ -126,10 +156,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        loaded = load_weights(args.weights, device=args.device)
+        loaded = load_model(args)
         meta = loaded.meta
         dataset = build_dataset(
-            args.dataset, args.data_root, args.split, num_classes=meta.num_classes
+            args.dataset,
+            args.data_root,
+            args.split,
+            num_classes=meta.num_classes,
+            class_names=meta.class_names,
         )
         if dataset.num_classes != meta.num_classes:
             raise ValueError(
@@ -157,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         images=n,
         seconds=round(seconds, 3),
         images_per_second=round(n / seconds, 3) if seconds > 0 else None,
-        weights=str(args.weights),
+        weights=str(args.weights or args.teacher),
         weights_sha256=meta.sha256,
         dataset=args.dataset,
         split=args.split,

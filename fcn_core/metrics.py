@@ -32,7 +32,11 @@ def confusion_matrix(
 
 def scores(hist: torch.Tensor | np.ndarray) -> dict[str, float | list[float]]:
     """The paper's metrics. Classes absent from both prediction and ground truth give NaN IU
-    and are left out of the means; so are classes absent from the ground truth in mean acc."""
+    and are left out of the means; so are classes absent from the ground truth in mean acc.
+
+    ``mean_iu_present`` averages IU over the classes present in the ground truth only: on a
+    small validation set that lacks some classes (COCO photos in VOC classes), a class the
+    model predicts but the set never shows would otherwise count as an IU of 0."""
     h = torch.as_tensor(hist).double().cpu()
     total = h.sum()
     diag = h.diag()
@@ -42,10 +46,12 @@ def scores(hist: torch.Tensor | np.ndarray) -> dict[str, float | list[float]]:
         acc_cls = (diag / gt).numpy()
         iu = (diag / (gt + predicted - diag)).numpy()
     valid = ~np.isnan(iu)
+    present = gt.numpy() > 0
     return {
         "pixel_acc": float(diag.sum() / total) if total > 0 else float("nan"),
         "mean_acc": float(np.nanmean(acc_cls)) if (~np.isnan(acc_cls)).any() else float("nan"),
         "mean_iu": float(np.nanmean(iu)) if valid.any() else float("nan"),
+        "mean_iu_present": float(np.mean(iu[present])) if present.any() else float("nan"),
         # (sum_i t_i IU_i) / sum_i t_i with integer t_i: one division, so never above 1
         "fw_iu": float((gt.numpy()[valid] * iu[valid]).sum() / float(total))
         if valid.any()

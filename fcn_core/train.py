@@ -13,467 +13,311 @@ CUDA). Every epoch ends with a checkpoint that resumes exactly: each epoch resee
 
 from __future__ import annotations
 
-import argparse
-import json
+import functools
 import math
-import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
-from fcn_core.data import DATASETS, build_dataset, pad_collate, train_transforms
+from fcn_core.data import (
+    SegmentationDataset,
+    SyntheticScenes,
+    build_dataset,
+    pad_collate,
+    train_transforms,
+)
+from fcn_core.distill import (
+    DistillationLoss,
+    TeacherLabelledPhotos,
+    find_photos,
+    label_photos,
+    teacher_cache_dir,
+)
+from fcn_core.engine import (
+    Best,
+    RunLog,
+    evaluate_sharded,
+    hardware,
+    lr_lambda,
+    param_groups,
+    save_checkpoint,
+    seed_epoch,
+    setup_distributed,
+    train_one_epoch,
+)
 from fcn_core.evaluate import evaluate
-from fcn_core.hardware import cpu_model
+from fcn_core.files import sha256_file
 from fcn_core.losses import median_frequency_weights, segmentation_loss
 from fcn_core.metrics import scores
-from fcn_core.models import ARCHITECTURES, BACKBONES, build_model
+from fcn_core.models import ARCHITECTURES, build_model
 from fcn_core.models.backbones import default_normalization
+from fcn_core.preprocess import Normalization
+from fcn_core.train_config import PAPER_LR, TrainConfig, parse_args
 from fcn_core.weights import WeightsError, WeightsMetadata, load_weights, save_weights
 
-PAPER_LR = {"fcn32s": 1e-10, "fcn16s": 1e-12, "fcn8s": 1e-14}
-
-PRESETS: dict[str, dict] = {
-    "paper": dict(
-        optimizer="sgd",
-        momentum=0.99,
-        weight_decay=5e-4,
-        batch_size=1,
-        loss_reduction="sum",
-        schedule="constant",
-        warmup_iters=0,
-        stages=["fcn32s", "fcn16s", "fcn8s"],
-        crop=None,
-        scale=[1.0, 1.0],
-        flip=False,
-        bias_lr_mult=2.0,
-        amp=False,
-    ),
-    "modern": dict(
-        optimizer="adamw",
-        momentum=0.9,
-        weight_decay=1e-4,
-        batch_size=8,
-        loss_reduction="mean",
-        schedule="cosine",
-        warmup_iters=100,
-        lr=1e-3,
-        stages=None,
-        crop=[320, 320],
-        scale=[0.5, 2.0],
-        flip=True,
-        bias_lr_mult=1.0,
-        amp=True,
-    ),
-}
+__all__ = ["TrainConfig", "main", "parse_args", "stage_lr", "train"]
 
 
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_arg: str) -> tuple[Dist, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    want_cuda = device_arg.startswith("cuda") and torch.cuda.is_available()
-    if world > 1:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        dist.init_process_group("nccl" if want_cuda else "gloo")
-        ctx = Dist(dist.get_rank(), dist.get_world_size(), local)
-        if want_cuda:
-            torch.cuda.set_device(local)
-            return ctx, torch.device("cuda", local)
-        return ctx, torch.device("cpu")
-    return Dist(), torch.device(
-        device_arg if want_cuda or not device_arg.startswith("cuda") else "cpu"
-    )
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="fcn-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--dataset", required=True, choices=DATASETS)
-    p.add_argument("--data-root", help="data set root (VOC2012 folder or a parent, CamVid, folder)")
-    p.add_argument(
-        "--sbd-root", help="VOC only: SBD's benchmark_RELEASE, for the paper's train set"
-    )
-    p.add_argument("--train-split", default="train")
-    p.add_argument("--val-split", default="val")
-    p.add_argument("--num-classes", type=int, help="folder / synthetic data sets only")
-    p.add_argument("--arch", default="fcn8s", choices=list(ARCHITECTURES))
-    p.add_argument("--backbone", default="vgg16", choices=BACKBONES)
-    p.add_argument(
-        "--no-pretrained",
-        dest="pretrained",
-        action="store_false",
-        help="start from random weights instead of the ImageNet ones",
-    )
-    p.add_argument("--init-from", type=Path, help="weights file of a coarser trained net (staged)")
-    p.add_argument("--learnable-upsampling", action="store_true")
-    p.add_argument("--at-once", action="store_true", help="FCN-8s-at-once (scaled skips)")
-    p.add_argument("--preset", default="modern", choices=list(PRESETS))
-    p.add_argument(
-        "--stages",
-        nargs="+",
-        choices=list(ARCHITECTURES),
-        help="train these archs in turn, each from the last (paper: 32s 16s 8s)",
-    )
-    p.add_argument("--epochs", type=int, default=50, help="per stage")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--optimizer", choices=["sgd", "adamw"])
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", choices=["constant", "poly", "cosine"])
-    p.add_argument("--warmup-iters", type=int)
-    p.add_argument("--loss-reduction", choices=["mean", "sum"])
-    p.add_argument("--class-weights", choices=["none", "median-freq"], default="none")
-    p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"))
-    p.add_argument("--no-crop", action="store_true", help="train on whole images")
-    p.add_argument("--scale", type=float, nargs=2, metavar=("MIN", "MAX"))
-    p.add_argument("--no-flip", action="store_true")
-    p.add_argument("--no-amp", action="store_true")
-    p.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations")
-    p.add_argument("--eval-batch-size", type=int, default=1)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--out-dir",
-        type=Path,
-        default=Path("runs/train"),
-        help="checkpoints (last.pt, best.pt) and metrics.jsonl",
-    )
-    p.add_argument("--output", type=Path, help="the final weights file (.safetensors)")
-    p.add_argument("--resume", type=Path, help="a last.pt checkpoint to continue exactly")
-    p.add_argument("--max-iters", type=int, help="stop each stage after this many iterations")
-    p.add_argument(
-        "--stop-after-epochs",
-        type=int,
-        help="end this run after N epochs, leaving last.pt to --resume (time-boxed jobs)",
-    )
-    p.add_argument("--tensorboard", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    preset = PRESETS[args.preset]
-    for key, value in preset.items():
-        if key in ("crop", "scale", "flip", "amp", "stages"):
-            continue
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.stages is None:
-        args.stages = preset["stages"] or [args.arch]
-    args.crop = None if args.no_crop else (args.crop or preset["crop"])
-    args.scale = args.scale or preset["scale"]
-    args.flip = preset["flip"] and not args.no_flip
-    args.amp = preset["amp"] and not args.no_amp
-    return args
-
-
-def stage_lr(args: argparse.Namespace, arch: str) -> float:
-    if args.lr is not None:
-        return args.lr
+def stage_lr(cfg: TrainConfig, arch: str) -> float:
+    if cfg.lr is not None:
+        return cfg.lr
     return PAPER_LR[arch]
 
 
-def param_groups(
-    model: nn.Module, lr: float, weight_decay: float, bias_lr_mult: float
-) -> list[dict]:
-    """Biases and norm parameters: no weight decay; biases at ``bias_lr_mult`` x lr (paper: 2)."""
-    decay, no_decay, biases = [], [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.endswith(".bias"):
-            biases.append(param)
-        elif param.ndim <= 1:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [
-        {"params": decay, "lr": lr, "weight_decay": weight_decay},
-        {"params": no_decay, "lr": lr, "weight_decay": 0.0},
-        {"params": biases, "lr": lr * bias_lr_mult, "weight_decay": 0.0},
-    ]
-
-
-def lr_lambda(schedule: str, warmup: int, total: int):
-    def factor(it: int) -> float:
-        if warmup and it < warmup:
-            return (it + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (it - warmup) / max(1, total - warmup))
-        if schedule == "poly":
-            return (1 - progress) ** 0.9
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def seed_epoch(seed: int, stage: int, epoch: int) -> torch.Generator:
-    """Reseed everything an epoch draws from; returns the sampler's generator."""
-    base = seed * 1_000_003 + stage * 10_007 + epoch
-    torch.manual_seed(base)
-    g = torch.Generator()
-    g.manual_seed(base)
-    return g
-
-
-def atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
-def all_reduce_(t: torch.Tensor, ctx: Dist) -> torch.Tensor:
-    if ctx.world > 1:
-        dist.all_reduce(t)
-    return t
-
-
-def hardware() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-
-
-def train(args: argparse.Namespace) -> Path | None:
-    ctx, device = setup_distributed(args.device)
-    use_amp = args.amp and device.type == "cuda"
-    train_ds = build_dataset(
-        args.dataset,
-        args.data_root,
-        args.train_split,
-        transform=train_transforms(args.crop, tuple(args.scale), args.flip),
-        num_classes=args.num_classes,
-        sbd_root=args.sbd_root,
-    )
+def build_datasets(cfg: TrainConfig) -> tuple[Dataset, SegmentationDataset | SyntheticScenes]:
+    """The training set (labelled, or photos labelled by the teacher) and the validation set."""
     val_ds = build_dataset(
-        args.dataset, args.data_root, args.val_split, num_classes=args.num_classes
+        cfg.dataset,
+        cfg.data_root,
+        cfg.val_split,
+        num_classes=cfg.num_classes,
+        class_names=cfg.class_names,
     )
+    if cfg.teacher is None:
+        train_ds = build_dataset(
+            cfg.dataset,
+            cfg.data_root,
+            cfg.train_split,
+            transform=train_transforms(cfg.crop, cfg.scale, cfg.flip),
+            num_classes=cfg.num_classes,
+            sbd_root=cfg.sbd_root,
+            class_names=cfg.class_names,
+        )
+        return train_ds, val_ds
+    if cfg.photos is None:
+        raise ValueError("--teacher needs --photos: a folder of unlabelled photos")
+    photos = find_photos(cfg.photos)
+    cache = teacher_cache_dir(cfg.teacher_cache or cfg.out_dir / "teacher", cfg.teacher)
+    return (
+        TeacherLabelledPhotos(
+            cfg.photos,
+            photos,
+            cache,
+            val_ds.class_names,
+            val_ds.palette,
+            cfg.crop,
+            cfg.scale,
+            cfg.flip,
+        ),
+        val_ds,
+    )
+
+
+def build_criterion(
+    cfg: TrainConfig, train_ds: Dataset, device: torch.device
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if cfg.teacher is not None:
+        if cfg.class_weights != "none":
+            raise ValueError("--class-weights needs masks; a teacher gives logits")
+        return DistillationLoss(cfg.confidence, cfg.kd_weight, cfg.temperature)
+    weight = None
+    if cfg.class_weights == "median-freq":
+        weight = median_frequency_weights(train_ds).to(device)
+    return functools.partial(segmentation_loss, weight=weight, reduction=cfg.loss_reduction)
+
+
+def build_optimizer(
+    cfg: TrainConfig, model: nn.Module, lr: float, total: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    groups = param_groups(model, lr, cfg.weight_decay, cfg.bias_lr_mult)
+    if cfg.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+    else:
+        opt = torch.optim.AdamW(groups, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, cfg.warmup_iters, total))
+    return opt, sched
+
+
+def export_weights(
+    cfg: TrainConfig,
+    model: nn.Module,
+    best: Best,
+    train_ds: Dataset,
+    val_ds: Dataset,
+    normalization: Normalization,
+    minutes: float,
+    world: int,
+) -> Path:
+    """The best weights, with metadata saying what they are and how they were made."""
+    assert cfg.output is not None
+    if best.state is not None:
+        model.load_state_dict(best.state)
+    model = model.cpu()
+    evaluations = {}
+    for spec in cfg.also_eval:
+        name, root = spec.split("=", 1) if "=" in spec else (spec, None)
+        dataset, split = name.split("/", 1) if "/" in name else (name, "val")
+        extra = build_dataset(dataset, root, split, class_names=train_ds.class_names)
+        hist, n, _ = evaluate(model, extra, train_ds.num_classes, normalization, "cpu", 1)
+        evaluations[f"{dataset}/{split} ({n} images)"] = scores(hist)
+    teacher = ""
+    if cfg.teacher is not None:
+        teacher = f"{cfg.teacher.name} (sha256 {sha256_file(cfg.teacher)})"
+        if cfg.teacher_note:
+            teacher += f"; {cfg.teacher_note}"
+    meta = WeightsMetadata(
+        arch=cfg.stages[-1],
+        backbone=cfg.backbone,
+        class_names=train_ds.class_names,
+        palette=train_ds.palette,
+        normalization=normalization,
+        at_once=cfg.at_once,
+        dataset=f"{train_ds.name} ({len(train_ds)} images)",
+        metrics={
+            k: best.result[k]
+            for k in ("pixel_acc", "mean_acc", "mean_iu", "mean_iu_present", "fw_iu", "iu")
+            if k in best.result
+        },
+        metrics_split=f"{cfg.dataset}/{cfg.val_split} ({len(val_ds)} images)",
+        evaluations=evaluations,
+        teacher=teacher,
+        command="fcn-train " + shlex.join(cfg.argv),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        notes=(
+            f"best epoch {best.result.get('epoch')}; trained {minutes:.1f} min on "
+            f"{hardware()} x {world} process(es); torch {torch.__version__}"
+        ),
+    )
+    save_weights(cfg.output, model, meta)
+    print(
+        f"wrote {cfg.output} (val mean IU {best.result.get('mean_iu', float('nan')):.4f}, "
+        f"{minutes:.1f} min)",
+        flush=True,
+    )
+    return cfg.output
+
+
+def train(cfg: TrainConfig) -> Path | None:
+    ctx, device = setup_distributed(cfg.device)
+    if cfg.teacher is not None and ctx.main:
+        photos = find_photos(cfg.photos) if cfg.photos else []
+        cache = teacher_cache_dir(cfg.teacher_cache or cfg.out_dir / "teacher", cfg.teacher)
+        label_photos(cfg.teacher, cfg.photos, photos, cache, cfg.teacher_processes)
+    if ctx.world > 1:
+        dist.barrier()  # the teacher's labels are on disk before anyone reads them
+    train_ds, val_ds = build_datasets(cfg)
     if ctx.main:
         train_ds.validate()
         val_ds.validate()
     num_classes = train_ds.num_classes
-    normalization = default_normalization(args.backbone)
-    class_weight = None
-    if args.class_weights == "median-freq":
-        class_weight = median_frequency_weights(train_ds).to(device)
-
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = args.out_dir / "metrics.jsonl"
-    writer = None
-    if args.tensorboard and ctx.main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(args.out_dir / "tb"))
-
-    state = None
-    if args.resume:
-        state = torch.load(args.resume, map_location="cpu", weights_only=True)
-    start_stage = state["stage"] if state else 0
-    best = {"mean_iu": -1.0}
-    best_state: dict | None = None
+    normalization = default_normalization(cfg.backbone)
+    criterion = build_criterion(cfg, train_ds, device)
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    log = RunLog(cfg.out_dir, ctx.main, cfg.tensorboard)
+    resume = torch.load(cfg.resume, map_location="cpu", weights_only=True) if cfg.resume else None
+    start_stage = resume["stage"] if resume else 0
+    best = Best()
     model: nn.Module | None = None
     started = time.time()
     epochs_run = 0
 
-    for stage, arch in enumerate(args.stages):
+    for stage, arch in enumerate(cfg.stages):
         if stage < start_stage:
             continue
-        torch.manual_seed(args.seed + stage)  # new layers' random init replays on resume
-        model = make_stage_model(args, arch, stage, model, num_classes)
-        if state and stage == start_stage:
-            model.load_state_dict(state["model"])
+        torch.manual_seed(cfg.seed + stage)  # new layers' random init replays on resume
+        model = make_stage_model(cfg, arch, stage, model, num_classes)
+        if resume and stage == start_stage:
+            model.load_state_dict(resume["model"])
         model.to(device)
         net = nn.parallel.DistributedDataParallel(model) if ctx.world > 1 else model
-        if ctx.world > 1:
-            sampler = DistributedSampler(
-                train_ds, ctx.world, ctx.rank, shuffle=True, seed=args.seed
-            )
-        else:
-            sampler = None
-        steps_per_epoch = math.ceil(len(train_ds) / (args.batch_size * ctx.world))
-        total = steps_per_epoch * args.epochs
-        if args.max_iters:
-            total = min(total, args.max_iters)
-        lr = stage_lr(args, arch)
-        groups = param_groups(model, lr, args.weight_decay, args.bias_lr_mult)
-        if args.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, lr=lr, momentum=args.momentum)
-        else:
-            opt = torch.optim.AdamW(groups, lr=lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(args.schedule, args.warmup_iters, total)
+        sampler = (
+            DistributedSampler(train_ds, ctx.world, ctx.rank, shuffle=True, seed=cfg.seed)
+            if ctx.world > 1
+            else None
         )
-        first_epoch = 0
-        iteration = 0
-        if state and stage == start_stage:
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            first_epoch, iteration = state["epoch"] + 1, state["iteration"]
-            best = state["best"]
-            best_state = state.get("best_model")
-            torch.set_rng_state(state["rng"])
+        steps_per_epoch = math.ceil(len(train_ds) / (cfg.batch_size * ctx.world))
+        total = steps_per_epoch * cfg.epochs
+        if cfg.max_iters:
+            total = min(total, cfg.max_iters)
+        opt, sched = build_optimizer(cfg, model, stage_lr(cfg, arch), total)
+        first_epoch = iteration = 0
+        if resume and stage == start_stage:
+            opt.load_state_dict(resume["optimizer"])
+            sched.load_state_dict(resume["scheduler"])
+            first_epoch, iteration = resume["epoch"] + 1, resume["iteration"]
+            best = Best(resume["best"], resume.get("best_model"))
+            torch.set_rng_state(resume["rng"])
 
-        for epoch in range(first_epoch, args.epochs):
+        for epoch in range(first_epoch, cfg.epochs):
             if iteration >= total:
                 break
-            g = seed_epoch(args.seed, stage, epoch)
+            g = seed_epoch(cfg.seed, stage, epoch)
             if sampler is not None:
                 sampler.set_epoch(epoch)
             loader = DataLoader(
                 train_ds,
-                batch_size=args.batch_size,
-                num_workers=args.num_workers,
+                batch_size=cfg.batch_size,
+                num_workers=cfg.num_workers,
                 sampler=sampler or RandomSampler(train_ds, generator=g),
                 generator=g,
                 collate_fn=pad_collate,
-                drop_last=False,
-                persistent_workers=False,
             )
-            net.train()
             t0 = time.time()
-            loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
-            bar = loader
-            if ctx.main and not args.no_progress:
-                from tqdm import tqdm
-
-                bar = tqdm(loader, desc=f"{arch} epoch {epoch + 1}/{args.epochs}", leave=False)
-            for images, masks in bar:
-                images, masks = (
-                    images.to(device, non_blocking=True),
-                    masks.to(device, non_blocking=True),
-                )
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                    logits = net(normalization(images))
-                loss = segmentation_loss(logits, masks, class_weight, args.loss_reduction)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                iteration += 1
-                loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=device)
-                if iteration >= total:
-                    break
-            all_reduce_(loss_sum, ctx)
+            loss, iteration = train_one_epoch(
+                net,
+                loader,
+                criterion,
+                opt,
+                sched,
+                normalization,
+                device,
+                ctx,
+                iteration,
+                total,
+                amp=cfg.amp and device.type == "cuda",
+                desc=None if cfg.no_progress else f"{arch} epoch {epoch + 1}/{cfg.epochs}",
+            )
             record = {
                 "stage": stage,
                 "arch": arch,
                 "epoch": epoch + 1,
                 "iteration": iteration,
-                "train_loss": float(loss_sum[0] / max(loss_sum[1], 1)),
+                "train_loss": loss,
                 "lr": opt.param_groups[0]["lr"],
                 "epoch_seconds": round(time.time() - t0, 2),
             }
-            last_epoch = epoch + 1 == args.epochs or iteration >= total
-            if (epoch + 1) % args.eval_every == 0 or last_epoch:
-                indices = range(ctx.rank, len(val_ds), ctx.world)
-                hist, _, secs = evaluate(
-                    model,
-                    val_ds,
-                    num_classes,
-                    normalization,
-                    device,
-                    args.eval_batch_size,
-                    indices=indices,
+            last_epoch = epoch + 1 == cfg.epochs or iteration >= total
+            if (epoch + 1) % cfg.eval_every == 0 or last_epoch:
+                result = evaluate_sharded(
+                    model, val_ds, num_classes, normalization, device, cfg.eval_batch_size, ctx
                 )
-                result = scores(all_reduce_(hist, ctx))
                 record.update(
-                    {k: result[k] for k in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu")},
-                    iu=result["iu"],
-                    eval_seconds=round(secs, 2),
+                    {k: v for k, v in result.items() if not isinstance(v, list)}, iu=result["iu"]
                 )
-                if stage == len(args.stages) - 1 and result["mean_iu"] > best["mean_iu"]:
-                    best = {**result, "epoch": epoch + 1, "stage": stage}
-                    best_state = {
-                        k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-                    }
+                if stage == len(cfg.stages) - 1:
+                    best.offer(result, model, epoch + 1, stage)
+            log.write(record)
             if ctx.main:
-                print(
-                    json.dumps(
-                        {
-                            k: (round(v, 5) if isinstance(v, float) else v)
-                            for k, v in record.items()
-                            if k != "iu"
-                        }
-                    ),
-                    flush=True,
+                save_checkpoint(
+                    cfg.out_dir / "last.pt", stage, epoch, iteration, model, opt, sched, best
                 )
-                with log_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if writer:
-                    for k, v in record.items():
-                        if isinstance(v, (int, float)):
-                            writer.add_scalar(f"{arch}/{k}", v, iteration)
-                ckpt = {
-                    "stage": stage,
-                    "epoch": epoch,
-                    "iteration": iteration,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "best": best,
-                    "rng": torch.get_rng_state(),
-                }
-                if best_state is not None:
-                    ckpt["best_model"] = best_state
-                atomic_save(ckpt, args.out_dir / "last.pt")
             epochs_run += 1
-            if args.stop_after_epochs and epochs_run >= args.stop_after_epochs:
+            if cfg.stop_after_epochs and epochs_run >= cfg.stop_after_epochs:
                 if ctx.world > 1:
                     dist.destroy_process_group()
                 return None
-        state = None
+        resume = None
 
-    elapsed = time.time() - started
-    if writer:
-        writer.close()
+    log.close()
     out = None
-    if ctx.main and args.output and model is not None:
-        if best_state is not None:
-            model.load_state_dict(best_state)
-        meta = WeightsMetadata(
-            arch=args.stages[-1],
-            backbone=args.backbone,
-            class_names=train_ds.class_names,
-            palette=train_ds.palette,
-            normalization=normalization,
-            at_once=args.at_once,
-            dataset=f"{train_ds.name} ({len(train_ds)} images)",
-            metrics={
-                k: best[k] for k in ("pixel_acc", "mean_acc", "mean_iu", "fw_iu", "iu") if k in best
-            },
-            metrics_split=f"{args.dataset}/{args.val_split} ({len(val_ds)} images)",
-            command="fcn-train " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            notes=(
-                f"best epoch {best.get('epoch')}; trained {elapsed / 60:.1f} min on "
-                f"{hardware()} x {ctx.world} process(es); torch {torch.__version__}"
-            ),
-        )
-        save_weights(args.output, model.cpu(), meta)
-        out = args.output
-        print(
-            f"wrote {args.output} (val mean IU {best.get('mean_iu', float('nan')):.4f}, "
-            f"{elapsed / 60:.1f} min)",
-            flush=True,
+    if ctx.main and cfg.output and model is not None:
+        out = export_weights(
+            cfg,
+            model,
+            best,
+            train_ds,
+            val_ds,
+            normalization,
+            (time.time() - started) / 60,
+            ctx.world,
         )
     if ctx.world > 1:
         dist.barrier()
@@ -482,29 +326,28 @@ def train(args: argparse.Namespace) -> Path | None:
 
 
 def make_stage_model(
-    args: argparse.Namespace, arch: str, stage: int, previous: nn.Module | None, num_classes: int
+    cfg: TrainConfig, arch: str, stage: int, previous: nn.Module | None, num_classes: int
 ) -> nn.Module:
-    opts = dict(learnable_upsampling=args.learnable_upsampling, at_once=args.at_once)
+    opts = dict(learnable_upsampling=cfg.learnable_upsampling, at_once=cfg.at_once)
     cls = ARCHITECTURES[arch]
     if previous is not None:
-        return cls.from_coarser(previous.cpu(), learnable_upsampling=args.learnable_upsampling)
-    if stage == 0 and args.init_from:
-        loaded = load_weights(args.init_from)
+        return cls.from_coarser(previous.cpu(), learnable_upsampling=cfg.learnable_upsampling)
+    if stage == 0 and cfg.init_from:
+        loaded = load_weights(cfg.init_from)
         if loaded.meta.num_classes != num_classes:
             raise ValueError(
-                f"{args.init_from} has {loaded.meta.num_classes} classes, the data {num_classes}"
+                f"{cfg.init_from} has {loaded.meta.num_classes} classes, the data {num_classes}"
             )
         if loaded.meta.arch == arch:
             return loaded.model.train()
-        return cls.from_coarser(loaded.model, learnable_upsampling=args.learnable_upsampling)
-    return build_model(arch, num_classes, args.backbone, pretrained=args.pretrained, **opts)
+        return cls.from_coarser(loaded.model, learnable_upsampling=cfg.learnable_upsampling)
+    return build_model(arch, num_classes, cfg.backbone, pretrained=cfg.pretrained, **opts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    args.argv = None if argv is None else list(argv)
+    cfg = parse_args(argv)
     try:
-        train(args)
+        train(cfg)
     except (FileNotFoundError, ValueError, WeightsError) as exc:
         print(f"fcn-train: error: {exc}", file=sys.stderr)
         return 2

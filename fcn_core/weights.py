@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fcn_core.files import atomic_write
 from fcn_core.models import build_model
 from fcn_core.preprocess import Normalization
 
@@ -42,6 +43,10 @@ class WeightsMetadata:
     dataset: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     metrics_split: str = ""
+    evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Further splits the weights were scored on: split -> the same metric names."""
+    teacher: str = ""
+    """Distilled weights: the teacher (file, content hash, licence) they learnt from."""
     command: str = ""
     created: str = ""
     notes: str = ""
@@ -97,7 +102,7 @@ def save_weights(path: str | Path, model: nn.Module, meta: WeightsMetadata) -> W
     described = (meta.num_classes, meta.arch, meta.backbone, meta.at_once)
     actual = (
         getattr(model, "num_classes", None),
-        f"fcn{getattr(model, 'stride', '?')}s",
+        getattr(model, "arch", type(model).__name__),
         getattr(model, "backbone_name", None),
         getattr(model, "at_once", None),
     )
@@ -108,11 +113,8 @@ def save_weights(path: str | Path, model: nn.Module, meta: WeightsMetadata) -> W
         )
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta.sha256 = content_hash(tensors)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta.to_dict())})
-    tmp.replace(path)  # never leave a half-written file under the final name
+    header = {METADATA_KEY: json.dumps(meta.to_dict())}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
     return meta
 
 

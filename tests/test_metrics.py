@@ -44,6 +44,8 @@ def test_absent_classes_are_nan_and_left_out_of_the_means() -> None:
     assert s["iu"][:3] == pytest.approx([1 / 2, 1.0, 0.0])
     assert math.isnan(s["iu"][3])
     assert s["mean_iu"] == pytest.approx((1 / 2 + 1 + 0) / 3)
+    # Over the classes the ground truth shows, the predicted-only class 2 does not count.
+    assert s["mean_iu_present"] == pytest.approx((1 / 2 + 1) / 2)
     assert s["fw_iu"] == pytest.approx((2 * 0.5 + 2 * 1.0) / 4)
 
 

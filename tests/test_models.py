@@ -455,3 +455,27 @@ def test_load_in_order_refuses_mismatched_checkpoints() -> None:
         load_in_order(model, bad)
     with pytest.raises(ValueError, match="checkpoint has 3 tensors, model expects 4"):
         load_in_order(model, dict(list(good.items())[:3]))
+
+
+def test_backbone_contract_list_models_and_arch_names() -> None:
+    from torch import nn
+
+    from fcn_core.models import Backbone, build_backbone, list_models
+    from fcn_core.models.backbones import BACKBONE_CLASSES
+
+    assert "fcn8s/efficientnet_lite0" in list_models() and "fcn32s/vgg16" in list_models()
+    for name in BACKBONE_CLASSES:
+        assert isinstance(build_backbone(name), Backbone), name
+    for arch in ("fcn32s", "fcn16s", "fcn8s"):
+        assert build_model(arch, 3, "efficientnet_lite0").arch == arch
+
+    class NoContract(nn.Module):  # forward exists, channels/geometry/normalization do not
+        def __init__(self, pretrained: bool = False) -> None:
+            super().__init__()
+
+    BACKBONE_CLASSES["no_contract"] = NoContract
+    try:
+        with pytest.raises(TypeError, match="Backbone contract"):
+            build_backbone("no_contract")
+    finally:
+        del BACKBONE_CLASSES["no_contract"]

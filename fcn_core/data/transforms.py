@@ -27,12 +27,17 @@ class Compose:
         return image, mask
 
 
-def resize_pair(image: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> Pair:
-    """Bilinear (antialiased) for the image, nearest for the mask, so labels stay labels."""
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 3 x H x W -> ``size``, bilinear and antialiased."""
     img = F.interpolate(
         image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True
     )
-    img = img.round().clamp(0, 255).to(torch.uint8)[0]
+    return img.round().clamp(0, 255).to(torch.uint8)[0]
+
+
+def resize_pair(image: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> Pair:
+    """Bilinear (antialiased) for the image, nearest for the mask, so labels stay labels."""
+    img = resize_image(image, size)
     msk = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].to(mask.dtype)
     return img, msk
 
@@ -95,13 +100,22 @@ def train_transforms(
 
 def pad_collate(batch: Sequence[Pair], multiple: int = 1) -> Pair:
     """Stack images of different sizes: pad to the largest (rounded up to ``multiple``),
-    image with 0 and mask with void so that padding never counts in the loss or metrics."""
-    h = max(m.shape[0] for _, m in batch)
-    w = max(m.shape[1] for _, m in batch)
+    image with 0 and target with void so that padding never counts in the loss or metrics.
+
+    A target is an H x W mask of class indices (padded with ``VOID``) or a float C x H x W
+    map such as a teacher's logits (padded with NaN, the float void)."""
+    h = max(t.shape[-2] for _, t in batch)
+    w = max(t.shape[-1] for _, t in batch)
     h, w = -(-h // multiple) * multiple, -(-w // multiple) * multiple
+    first = batch[0][1]
+    float_target = first.is_floating_point()
     images = torch.zeros(len(batch), 3, h, w, dtype=torch.uint8)
-    masks = torch.full((len(batch), h, w), VOID, dtype=torch.int64)
-    for i, (img, msk) in enumerate(batch):
+    targets = torch.full(
+        (len(batch), *first.shape[:-2], h, w),
+        float("nan") if float_target else VOID,
+        dtype=first.dtype if float_target else torch.int64,
+    )
+    for i, (img, target) in enumerate(batch):
         images[i, :, : img.shape[1], : img.shape[2]] = img
-        masks[i, : msk.shape[0], : msk.shape[1]] = msk
-    return images, masks
+        targets[i, ..., : target.shape[-2], : target.shape[-1]] = target
+    return images, targets

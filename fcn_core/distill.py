@@ -1,0 +1,235 @@
+"""Distillation: train an FCN from a teacher's predictions on unlabelled photos.
+
+``fcn-train --teacher MODEL --photos DIR`` runs the ordinary training loop (optimiser,
+schedule, evaluation on a labelled split, checkpoints, export) with two parts swapped:
+
+- the training set is :class:`TeacherLabelledPhotos`: every photo is labelled once by the
+  teacher ahead of training (``label_photos``, cached by teacher and photo, resumable), and
+  its stride-16 logits are kept, not a label map. Each epoch draws a random scale, crop and
+  flip of the photo, and the teacher's logits are resampled onto *that* view, so the teacher
+  labels exactly the pixels the student trains on;
+- the loss is :class:`DistillationLoss`: cross entropy on the teacher's hard labels where it
+  is confident (pixels below ``confidence`` are ignored), plus optionally the
+  temperature-scaled KL divergence to its soft predictions (Hinton et al., 2015).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from fcn_core.data.base import read_image
+from fcn_core.data.folder import IMAGE_SUFFIXES
+from fcn_core.data.transforms import VOID, resize_image
+from fcn_core.files import atomic_write, sha256_file
+from fcn_core.teachers import TeacherLogits, TFLiteTeacher
+
+log = logging.getLogger(__name__)
+
+
+def find_photos(root: str | Path) -> list[Path]:
+    """Every image file under ``root`` (recursively), in a stable order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"photos folder not found: {root}")
+    photos = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not photos:
+        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+    return photos
+
+
+def cache_path(cache_dir: Path, root: Path, photo: Path) -> Path:
+    return cache_dir / photo.relative_to(root).with_suffix(".npz")
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def save_logits(path: Path, labelled: TeacherLogits) -> None:
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            np.savez(
+                f,
+                logits=labelled.logits,
+                image_size=np.array(labelled.image_size),
+                input_size=np.array(labelled.input_size),
+            )
+
+    atomic_write(path, write)
+
+
+def load_logits(path: Path) -> TeacherLogits:
+    with np.load(path) as z:
+        return TeacherLogits(
+            z["logits"], tuple(int(v) for v in z["image_size"]), int(z["input_size"])
+        )
+
+
+def _label_shard(args: tuple[str, int, list[tuple[Path, Path]]]) -> int:
+    teacher_path, threads, jobs = args
+    teacher = TFLiteTeacher(teacher_path, num_threads=threads)
+    for photo, out in jobs:
+        save_logits(out, teacher(read_rgb(photo)))
+    return len(jobs)
+
+
+def teacher_cache_dir(cache_root: Path, teacher_path: Path) -> Path:
+    """One folder per teacher file (by content), so a changed teacher never reuses labels."""
+    digest = sha256_file(teacher_path)[:16]
+    return Path(cache_root) / f"{Path(teacher_path).stem}-{digest}"
+
+
+def label_photos(
+    teacher_path: Path,
+    root: Path,
+    photos: Sequence[Path],
+    cache_dir: Path,
+    processes: int = 1,
+    progress: Callable[[str], None] = print,
+) -> None:
+    """Run the teacher over every photo not yet labelled in ``cache_dir`` (resumable: each
+    photo's logits are written atomically, so an interrupted run keeps what it finished)."""
+    todo = [(p, cache_path(cache_dir, root, p)) for p in photos]
+    todo = [(p, out) for p, out in todo if not out.is_file()]
+    if not todo:
+        return
+    progress(f"teacher: labelling {len(todo)} of {len(photos)} photos in {processes} process(es)")
+    shards = [todo[i::processes] for i in range(processes)]
+    if processes == 1:
+        _label_shard((str(teacher_path), 1, todo))
+    else:
+        with ProcessPoolExecutor(processes) as pool:
+            list(pool.map(_label_shard, [(str(teacher_path), 1, s) for s in shards if s]))
+    progress(f"teacher: labelled {len(todo)} photos into {cache_dir}")
+
+
+class TeacherLabelledPhotos(Dataset):
+    """Unlabelled photos with their teacher's logits, each sample a random view of a photo.
+
+    A sample is (uint8 3 x h x w image, float C x h x w teacher logits with NaN where the
+    view holds no photo). The view: scale by a factor drawn from ``scale``, take a random
+    ``crop`` (padding past the photo), flip half the time. The logits are resampled from the
+    teacher's stride-16 grid at the view's own pixel centres.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        photos: Sequence[Path],
+        cache_dir: Path,
+        class_names: Sequence[str],
+        palette: Sequence[Sequence[int]],
+        crop: tuple[int, int] | None,
+        scale: tuple[float, float] = (0.5, 2.0),
+        flip: bool = True,
+    ) -> None:
+        if not photos:
+            raise ValueError("no photos to distil on")
+        self.root = Path(root)
+        self.photos = list(photos)
+        self.cache_dir = Path(cache_dir)
+        self.class_names = list(class_names)
+        self.palette = [list(c) for c in palette]
+        self.crop, self.scale, self.flip = crop, scale, flip
+        self.name = f"photos:{self.root.name}"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.photos)
+
+    def validate(self) -> None:
+        missing = [p for p in self.photos if not cache_path(self.cache_dir, self.root, p).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} photos have no teacher logits in {self.cache_dir} "
+                f"(first: {missing[0]}); run the teacher first"
+            )
+        labelled = load_logits(cache_path(self.cache_dir, self.root, self.photos[0]))
+        if labelled.logits.shape[0] != self.num_classes:
+            raise ValueError(
+                f"the teacher predicts {labelled.logits.shape[0]} classes, "
+                f"the student {self.num_classes}"
+            )
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        photo = self.photos[index]
+        image = read_image(photo)
+        teacher = load_logits(cache_path(self.cache_dir, self.root, photo))
+        h, w = image.shape[1:]
+        if teacher.image_size != (h, w):
+            raise ValueError(f"{photo}: {w}x{h}, but its teacher logits are for another size")
+        lo, hi = self.scale
+        s = lo + (hi - lo) * torch.rand(()).item()
+        hs, ws = max(1, round(h * s)), max(1, round(w * s))
+        if (hs, ws) != (h, w):
+            image = resize_image(image, (hs, ws))
+        ch, cw = self.crop or (hs, ws)
+        top = int(torch.randint(0, max(hs - ch, 0) + 1, ()).item())
+        left = int(torch.randint(0, max(ws - cw, 0) + 1, ()).item())
+        view = torch.zeros(3, ch, cw, dtype=torch.uint8)
+        part = image[:, top : top + ch, left : left + cw]
+        view[:, : part.shape[1], : part.shape[2]] = part
+        # The view's pixel centres in the photo's coordinates; past the scaled photo -> NaN.
+        ys = (top + torch.arange(ch) + 0.5) * (h / hs)
+        xs = (left + torch.arange(cw) + 0.5) * (w / ws)
+        ys[top + torch.arange(ch) >= hs] = -1
+        xs[left + torch.arange(cw) >= ws] = -1
+        logits = teacher.sample(ys, xs)
+        if self.flip and torch.rand(()).item() < 0.5:
+            view, logits = view.flip(-1), logits.flip(-1)
+        return view, logits
+
+
+class DistillationLoss:
+    """Cross entropy on the teacher's confident hard labels + ``kd_weight`` x T^2 x KL.
+
+    ``target`` is N x C x H x W teacher logits, NaN where there is no photo. A pixel counts in
+    the cross entropy when the teacher's top probability reaches ``confidence``; the KL term
+    covers every photo pixel (soft targets carry the uncertainty themselves).
+    """
+
+    def __init__(
+        self, confidence: float = 0.5, kd_weight: float = 0.0, temperature: float = 1.0
+    ) -> None:
+        if not 0 <= confidence < 1:
+            raise ValueError(f"confidence must be in [0, 1), got {confidence}")
+        if kd_weight < 0 or temperature <= 0:
+            raise ValueError("kd_weight must be >= 0 and temperature > 0")
+        self.confidence, self.kd_weight, self.temperature = confidence, kd_weight, temperature
+
+    def hard_labels(self, target: torch.Tensor) -> torch.Tensor:
+        """The teacher's labels, ``VOID`` where it is unsure or where there is no photo."""
+        valid = ~torch.isnan(target[:, 0])
+        probs = torch.nan_to_num(target).float().softmax(1)
+        confidence, labels = probs.max(1)
+        return labels.masked_fill(~valid | (confidence < self.confidence), VOID)
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        labels = self.hard_labels(target)
+        if (labels != VOID).any():
+            loss = F.cross_entropy(logits, labels, ignore_index=VOID)
+        else:
+            loss = logits.sum() * 0.0
+        if self.kd_weight > 0:
+            valid = ~torch.isnan(target[:, 0])
+            if valid.any():
+                t = self.temperature
+                teacher = (torch.nan_to_num(target).float() / t).log_softmax(1)
+                student = (logits / t).log_softmax(1)
+                kl = (teacher.exp() * (teacher - student)).sum(1)
+                loss = loss + self.kd_weight * t * t * kl[valid].mean()
+        return loss
