@@ -4,6 +4,7 @@
 model=m, meta=meta)`` serves any ``nn.Module`` that maps normalised N x 3 x H x W batches to
 N x C x H x W logits (benchmarks, tests). Start-up (load, warm up, start the worker) runs in
 a thread before the server accepts connections; shutdown drains the queue within a bound.
+The routes live in service/routes/, the error answers in service/errors.py.
 """
 
 from __future__ import annotations
@@ -12,17 +13,14 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException
+from fastapi import FastAPI
 from torch import nn
 
 from fcn_core.weights import WeightsMetadata
-from service import __version__, api
-from service.errors import ErrorBody, ServiceError
+from service import __version__, routes
+from service.errors import add_error_handlers
 from service.middleware import TelemetryMiddleware
+from service.routes.ui import mount_static
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -50,33 +48,8 @@ def create_app(
         title="fcn-serve", version=__version__, description=DESCRIPTION, lifespan=lifespan
     )
     app.state.service = state
-    app.include_router(api.router)
-    app.mount("/static", StaticFiles(directory=api.STATIC_DIR, check_dir=False), name="static")
+    app.include_router(routes.router)
+    mount_static(app)
     app.add_middleware(TelemetryMiddleware, metrics=state.metrics)
-
-    def error(
-        request: Request, status: int, detail: str, headers: dict[str, str] | None = None
-    ) -> JSONResponse:
-        body = ErrorBody(detail=detail, request_id=getattr(request.state, "request_id", ""))
-        return JSONResponse(body.model_dump(), status, headers=headers)
-
-    @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        if exc.reason is not None:
-            state.metrics.rejected.labels(exc.reason).inc()
-        return error(request, exc.status, exc.detail, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        state.metrics.rejected.labels("bad_input").inc()
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
-            for e in exc.errors()
-        )
-        return error(request, 422, problems or "invalid request")
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return error(request, exc.status_code, str(exc.detail), dict(exc.headers or {}))
-
+    add_error_handlers(app, state)
     return app

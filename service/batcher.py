@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import queue
@@ -28,11 +29,17 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fcn_core.inference import DEFAULT_GPU_BATCH, InferenceConfig, batch_capacity, bucket_of
 from service.metrics import Metrics
-from service.runner import InFlight, ModelInput, Prediction, bucket_of
+from service.runner import InFlight, ModelInput, Prediction
+
+if TYPE_CHECKING:
+    from service.runner import Runner
+    from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +91,31 @@ def _settle(future: asyncio.Future, result: JobResult | BaseException) -> None:
         future.set_result(result)
 
 
+@dataclass(frozen=True)
+class QueuePolicy:
+    """The queue's knobs (the server's settings document each and take these defaults)."""
+
+    max_queue_delay_ms: float = 5.0
+    max_queue_size: int = 64
+    pipeline_depth: int = 2
+
+
+_QUEUE = QueuePolicy()
+_INFERENCE = InferenceConfig()
+
+
 class DynamicBatcher:
     def __init__(
         self,
         launch: Callable[[Sequence[ModelInput]], Prediction | InFlight],
         metrics: Metrics,
         *,
-        max_batch_size: int = 8,
-        max_batch_pixels: int = 4 * 1024 * 1024,
-        max_queue_delay_ms: float = 5.0,
-        max_queue_size: int = 64,
-        bucket_multiple: int = 32,
-        pipeline_depth: int = 2,
+        max_batch_size: int = DEFAULT_GPU_BATCH,
+        max_batch_pixels: int = _INFERENCE.max_batch_pixels,
+        max_queue_delay_ms: float = _QUEUE.max_queue_delay_ms,
+        max_queue_size: int = _QUEUE.max_queue_size,
+        bucket_multiple: int = _INFERENCE.bucket_multiple,
+        pipeline_depth: int = _QUEUE.pipeline_depth,
     ) -> None:
         if pipeline_depth < 1:
             raise ValueError("pipeline_depth must be at least 1")
@@ -117,6 +137,20 @@ class DynamicBatcher:
         self._launched: queue.SimpleQueue[tuple[list[Job], float, Prediction | InFlight] | None]
         self._launched = queue.SimpleQueue()
 
+    @classmethod
+    def from_settings(cls, settings: Settings, runner: Runner, metrics: Metrics) -> DynamicBatcher:
+        """The batcher for ``runner``: batch limits as its predictor resolves them for its
+        device, queue policy from the settings."""
+        p = runner.predictor
+        return cls(
+            runner.launch,
+            metrics,
+            max_batch_size=p.max_batch_size(),
+            max_batch_pixels=p.config.max_batch_pixels,
+            bucket_multiple=p.bucket_multiple,
+            **dataclasses.asdict(settings.queue_policy()),
+        )
+
     # -- event-loop side -------------------------------------------------------------------
 
     def start(self) -> None:
@@ -130,8 +164,7 @@ class DynamicBatcher:
 
     def capacity(self, bucket: tuple[int, int]) -> int:
         """Images of this bucket per batch: the size limit, cut by the pixel budget."""
-        pixels = bucket[0] * bucket[1]
-        return max(1, min(self.max_batch_size, self.max_batch_pixels // pixels))
+        return batch_capacity(bucket, self.max_batch_size, self.max_batch_pixels)
 
     def submit(self, images: Sequence[ModelInput], deadline: float) -> list[Job]:
         """Queue all of the images or none of them (a request is answered whole).

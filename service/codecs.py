@@ -3,7 +3,8 @@
 Everything here is plain CPU work on numpy/Pillow; the API runs it in a bounded thread pool
 so the event loop never decodes. Errors are ``CodecError`` with the HTTP status a client
 should see: 400 empty, 415 not an image we take, 413 too many pixels (read from the header,
-before a single pixel is decoded), 422 a recognised image whose data is broken.
+before a single pixel is decoded), 422 a recognised image whose data is broken. ``summary``
+answers in the API's own ``schemas.ClassShare``, so the JSON output needs no second type.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fcn_core.data.palettes import flat_palette
+from service.schemas import ClassShare
 
 # MPO is what many cameras write for JPEG (a JPEG with extra frames).
 ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"})
@@ -33,6 +35,12 @@ class CodecError(Exception):
         self.status = status
         self.detail = detail
         self.reason = reason
+
+    def at(self, index: int, count: int) -> CodecError:
+        """The same error, naming which of ``count`` images of one request it is about."""
+        if count == 1:
+            return self
+        return CodecError(self.status, f"images[{index}]: {self.detail}", self.reason)
 
 
 @dataclass
@@ -232,14 +240,6 @@ def overlay(
     else:
         img.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
-
-
-@dataclass
-class ClassShare:
-    index: int
-    name: str
-    pixels: int
-    fraction: float
 
 
 def summary(labels: np.ndarray, class_names: list[str]) -> list[ClassShare]:

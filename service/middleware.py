@@ -1,5 +1,6 @@
 """Per-request telemetry as plain ASGI: request id, Server-Timing, duration metric, last-resort 500.
 
+It attaches the request's ``RequestContext`` (service/context.py), which the routes fill in.
 Plain ASGI rather than ``BaseHTTPMiddleware`` so that the handler keeps the real ``receive``
 (it watches it for client disconnects) and streaming bodies are not buffered. It sits
 innermost-but-one, so even an unexpected exception leaves with the request id and a JSON body.
@@ -16,21 +17,15 @@ import uuid
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ErrorBody
+from fcn_client.wire import REQUEST_ID, SERVER_TIMING
+from service.context import RequestContext, attach
 from service.metrics import Metrics
+from service.schemas import ErrorBody
 
 log = logging.getLogger(__name__)
 
 # Echo only ids that are safe to put in logs and headers; anything else gets a fresh one.
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
-# Server-Timing entries in the order a request meets them.
-TIMING_ORDER = ("read", "decode", "queue", "inference", "encode")
-
-
-def server_timing(timings: dict[str, float], total_s: float) -> str:
-    parts = [f"{name};dur={timings[name] * 1000:.2f}" for name in TIMING_ORDER if name in timings]
-    parts.append(f"total;dur={total_s * 1000:.2f}")
-    return ", ".join(parts)
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 
 
 class TelemetryMiddleware:
@@ -43,11 +38,10 @@ class TelemetryMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        sent = Headers(scope=scope).get("x-request-id", "")
-        request_id = sent if _REQUEST_ID.match(sent) else uuid.uuid4().hex
-        state = scope.setdefault("state", {})
-        timings: dict[str, float] = {}
-        state.update(request_id=request_id, arrival=time.monotonic(), timings=timings)
+        sent = Headers(scope=scope).get(REQUEST_ID, "")
+        context = RequestContext(sent if _SAFE_ID.match(sent) else uuid.uuid4().hex)
+        attach(scope, context)
+        request_id = context.request_id
         status = 500
         started = False
 
@@ -57,8 +51,8 @@ class TelemetryMiddleware:
                 started = True
                 status = message["status"]
                 headers = MutableHeaders(scope=message)
-                headers["x-request-id"] = request_id
-                headers["server-timing"] = server_timing(timings, time.perf_counter() - start)
+                headers[REQUEST_ID] = request_id
+                headers[SERVER_TIMING] = context.server_timing(time.perf_counter() - start)
             await send(message)
 
         try:

@@ -1,21 +1,15 @@
-"""The model on its device: pad to the bucket, forward, argmax on the device, crop, OOM split.
+"""The inference core on a device, plus what only a server needs.
 
-On CUDA a batch is *launched* (staged in reused pinned memory, copied in on a stream of its
-own, computed, its labels copied out asynchronously) and *waited for* separately, so the
-batcher can stage and queue the next batch while the device still runs this one.
-
-Any ``nn.Module`` that maps a normalised N x 3 x H x W float batch to N x C x H x W logits
-can be served (the benchmarks plug in a near-free one). Only uint8 images go to the device
-and only uint8 label maps come back: logits never leave it.
-
-Padding is zeros *after* normalisation, i.e. the mean colour, at the bottom and right. That is
-exactly what the EfficientNet-Lite0 FCN does itself to reach a multiple of 32, so with
-32-pixel buckets a batched image gets the same labels as the image run alone.
+``fcn_core.inference.Predictor`` does the model's work (normalise, forward, argmax; buckets,
+padding and crops are written there once). Around it the runner adds: reused (pinned) staging
+buffers; on CUDA, a batch *launched* (copied in on a stream of its own, computed, its labels
+copied out asynchronously) and *waited for* separately, so the batcher can stage and queue the
+next batch while the device still runs this one; JPEGs decoded on the device; and the split
+of a batch that runs out of device memory.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fcn_core.inference import InferenceConfig, Predictor, bucket_of, crop, pad_into
+from fcn_core.preprocess import Normalization
 from service.codecs import EncodedJpeg
 from service.device_jpeg import decode_on_device
 from service.staging import HostBuffers
@@ -85,100 +81,26 @@ class InFlight:
         return Prediction(labels, [(len(self._sizes), seconds)])
 
 
-def crop(
-    labels: np.ndarray, sizes: Sequence[tuple[int, int]], failed: dict[int, Exception]
-) -> list[np.ndarray | Exception]:
-    """Each image's own H x W out of the padded N x Hb x Wb batch (copies: buffers are reused),
-    or the error of an image that could not be decoded."""
-    return [
-        failed[i] if i in failed else labels[i, :h, :w].copy() for i, (h, w) in enumerate(sizes)
-    ]
-
-
-CUDA_GRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
-"""``torch.compile`` modes that capture CUDA graphs on a CUDA device."""
-
-
-def compiled_batch_sizes(capacity: int) -> list[int]:
-    """The batch sizes a compiled model runs: powers of two below ``capacity``, and it."""
-    return sorted({1 << k for k in range(capacity.bit_length()) if 1 << k < capacity} | {capacity})
-
-
-def allow_recompiles(shapes: int) -> None:
-    """Let ``torch.compile`` keep ``shapes`` static-shape variants (its default is 8)."""
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), shapes))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
-def effective_precision(device: torch.device, precision: str) -> str:
-    """Autocast only on CUDA: bf16/fp16 on the CPU is slower and not what was validated."""
-    if device.type != "cuda" and precision != "fp32":
-        log.warning("precision %s applies on CUDA only; the CPU runs fp32", precision)
-        return "fp32"
-    return precision
-
-
-def bucket_of(height: int, width: int, multiple: int) -> tuple[int, int]:
-    return -(-height // multiple) * multiple, -(-width // multiple) * multiple
-
-
 class Runner:
     def __init__(
         self,
         model: nn.Module,
-        normalization: Callable[[torch.Tensor], torch.Tensor],
-        device: torch.device,
-        precision: str = "fp32",
-        bucket_multiple: int = 32,
+        normalization: Normalization | Callable[[torch.Tensor], torch.Tensor],
+        config: InferenceConfig,
         on_oom_split: Callable[[], None] | None = None,
-        cpu_workers: int = 1,
-        channels_last: bool = False,
-        compile: bool = False,
-        cudnn_benchmark: bool = True,
-        compile_mode: str = "default",
     ) -> None:
-        self.device = device
-        self.precision = effective_precision(device, precision)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = cudnn_benchmark
-        self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = model.to(device, memory_format=self._memory_format).eval()
-        self._net = (
-            torch.compile(self.model, dynamic=False, mode=compile_mode) if compile else self.model
-        )
-        # CUDA graphs (reduce-overhead, max-autotune) record one graph per shape, on the
-        # second call or so, and replay it from the third: warm-up runs every shape thrice.
-        self._warmup_runs = 3 if compile and compile_mode in CUDA_GRAPH_MODES else 1
-        self._compiled = compile
-        self._warmed_batch_sizes: dict[tuple[int, int], list[int]] = {}
-        self.normalization = normalization
-        self.bucket_multiple = bucket_multiple
+        self.predictor = Predictor(model, normalization, config)
+        self.device = self.predictor.device
+        self.precision = self.predictor.precision
         self.on_oom_split = on_oom_split
-        self.buffers = HostBuffers(pinned=device.type == "cuda")
-        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.buffers = HostBuffers(pinned=self.device.type == "cuda")
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # CUDA work runs on one thread whoever calls: compiled CUDA graphs belong to the
         # thread that recorded them (their tree lives in thread-local state), and one
         # thread keeps one current stream.
         self._device_thread = (
             ThreadPoolExecutor(1, thread_name_prefix="fcn-device")
-            if device.type == "cuda"
-            else None
-        )
-        self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        # CPU: one image per thread scales better than batching or intra-op threads.
-        self._pool = (
-            ThreadPoolExecutor(cpu_workers, thread_name_prefix="fcn-cpu")
-            if device.type == "cpu" and cpu_workers > 1
+            if self.device.type == "cuda"
             else None
         )
 
@@ -218,34 +140,23 @@ class Runner:
 
     def _launch(self, images: list[ModelInput]) -> Prediction | InFlight:
         sizes = [im.shape[:2] for im in images]
-        hb, wb = bucket_of(max(h for h, _ in sizes), max(w for _, w in sizes), self.bucket_multiple)
-        # Compiled: round the batch up to a warmed-up size (the extra images are discarded),
-        # so serving never meets a shape that would compile or record a graph.
-        warmed = self._warmed_batch_sizes.get((hb, wb), []) if self._compiled else []
-        batch = next((n for n in warmed if n >= len(images)), len(images))
-        host = self.buffers.take((batch, hb, wb, 3))
+        p = self.predictor
+        bucket = bucket_of(max(h for h, _ in sizes), max(w for _, w in sizes), p.bucket_multiple)
+        host = self.buffers.take((p.batch_rows(bucket, len(images)), *bucket, 3))
         lent = [host]
         try:
-            staging = host.numpy()  # shares memory with host (pinned on CUDA)
-            jpegs: dict[int, EncodedJpeg] = {}
-            for i, (im, (h, w)) in enumerate(zip(images, sizes, strict=True)):
-                if isinstance(im, EncodedJpeg):
-                    jpegs[i] = im  # decoded straight into the device batch, below
-                else:
-                    staging[i, :h, :w] = im
+            # JPEGs left encoded are decoded straight into the device batch, below.
+            jpegs = {i: im for i, im in enumerate(images) if isinstance(im, EncodedJpeg)}
+            pad_into(host.numpy(), images)  # shares memory with host (pinned on CUDA)
             if self.device.type == "cuda":
                 return self._launch_cuda(host, sizes, jpegs, lent)
             start = time.perf_counter()
             with torch.inference_mode():
                 failed = self._decode_into(host, jpegs)
-                x = self._normalized(host, sizes)
+                x = p.normalized(host, sizes)
                 self.buffers.give(*lent)  # x is a copy: the staging buffer is free again
                 lent = []
-                if self._pool is not None and len(images) > 1:
-                    real = x[: len(images)].split(1)  # not the rows a compiled batch adds
-                    labels = torch.cat(list(self._pool.map(self._labels, real)))
-                else:
-                    labels = self._labels(x)
+                labels = p.labels(x, len(images))
             seconds = time.perf_counter() - start
             return Prediction(crop(labels.numpy(), sizes, failed), [(len(images), seconds)])
         except BaseException:
@@ -275,7 +186,7 @@ class Runner:
             x.record_stream(stream)  # the allocator must not reuse x before compute ends
             start = torch.cuda.Event(enable_timing=True)
             start.record(stream)
-            labels = self._labels(self._normalized(x, sizes))
+            labels = self.predictor.labels(self.predictor.normalized(x, sizes))
             out = self.buffers.take(tuple(labels.shape))
             lent.append(out)
             out.copy_(labels, non_blocking=True)
@@ -304,50 +215,8 @@ class Runner:
                 x[i, : image.shape[0], : image.shape[1]] = image
         return failed
 
-    def _normalized(self, x: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
-        """uint8 N x H x W x 3 -> normalised N x 3 x H x W with the padding set to zero."""
-        x = self.normalization(x.permute(0, 3, 1, 2).contiguous())
-        for i, (h, w) in enumerate(sizes):
-            x[i, :, h:, :] = 0
-            x[i, :, :, w:] = 0
-        return x
-
-    def _labels(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised batch -> uint8 labels on the device (grad/autocast modes are per thread)."""
-        x = x.contiguous(memory_format=self._memory_format)
-        with torch.inference_mode(), self._autocast():
-            logits = self._net(x)
-        if logits.shape[0] != x.shape[0] or logits.shape[-2:] != x.shape[-2:]:
-            raise RuntimeError(
-                f"model returned {tuple(logits.shape)} for input {tuple(x.shape)}; "
-                "expected N x C x H x W logits"
-            )
-        if logits.shape[1] > 256:
-            raise RuntimeError("more than 256 classes do not fit a uint8 label map")
-        # max().indices, not argmax(): the same first-maximum labels, but torch's CPU argmax
-        # over a non-inner dimension is ~15x slower (34 vs 2 ms for 11 x 384 x 480).
-        return logits.max(1).indices.to(torch.uint8)
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self._dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self._dtype)
-
-    def warmup(self, plan: dict[tuple[int, int], Sequence[int]]) -> float:
-        """Run every (height, width) -> batch sizes so the first requests meet no cold start.
-
-        Compiled, these are then the only batch sizes run for that bucket (batches are
-        rounded up to one of them), and the compiler's shape cache is made to hold them all.
-        """
+    def warmup(self, sizes: Sequence[tuple[int, int]]) -> float:
+        """Run each (height, width) at the batch sizes serving will use; returns seconds."""
         start = time.perf_counter()
-        if self._compiled:
-            shapes = sum(len(set(sizes)) for sizes in plan.values())
-            allow_recompiles(shapes + 8)
-        for (h, w), batch_sizes in plan.items():
-            bucket = bucket_of(h, w, self.bucket_multiple)
-            warmed = sorted(set(batch_sizes) | set(self._warmed_batch_sizes.get(bucket, [])))
-            for n in sorted(set(batch_sizes)):
-                for _ in range(self._warmup_runs):
-                    self.predict([np.zeros((h, w, 3), dtype=np.uint8)] * n)
-            self._warmed_batch_sizes[bucket] = warmed
+        self.predictor.warmup(self.predictor.warmup_plan(sizes), self.predict)
         return time.perf_counter() - start

@@ -7,16 +7,24 @@ the documentation of every field, so the README cannot drift from the code.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fcn_core.inference import CompileMode, InferenceConfig, Precision
+from fcn_core.shipped import DEFAULT_WEIGHTS_NAME, default_weights_dir
+from service.batcher import QueuePolicy
+
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_WEIGHTS = Path("weights/fcn8s-lite0-camvid.safetensors")
+DEFAULT_WEIGHTS = Path("weights") / DEFAULT_WEIGHTS_NAME
+
+
+INFERENCE = InferenceConfig()
+QUEUE = QueuePolicy()
+"""Defaults are written once, in the components; the fields below take theirs from these."""
 
 
 class Settings(BaseSettings):
@@ -25,35 +33,36 @@ class Settings(BaseSettings):
     weights: Path = Field(
         DEFAULT_WEIGHTS,
         description="Weights file to serve. A relative path is looked up in the working "
-        "directory, then in the repository/package root.",
+        "directory, then in the repository root, then among the shipped weights (a wheel "
+        "install carries them), by file name.",
     )
     device: str = Field(
-        "auto", description="`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."
+        INFERENCE.device, description="`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."
     )
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32",
+    precision: Precision = Field(
+        INFERENCE.precision,
         description="Autocast precision on CUDA (`bf16`/`fp16`); the CPU always runs fp32.",
     )
     max_batch_size: int = Field(
-        0,
+        INFERENCE.max_batch_size,
         ge=0,
         description="Most images in one forward pass (0: 8 on CUDA; on the CPU the worker "
         "count, as batching does not make CPU convolutions faster).",
     )
     max_batch_pixels: int = Field(
-        4 * 1024 * 1024,
+        INFERENCE.max_batch_pixels,
         ge=1,
         description="Pixel budget of one batch, counted on the padded bucket "
         "(an image above it still runs, alone).",
     )
     max_queue_delay_ms: float = Field(
-        5.0,
+        QUEUE.max_queue_delay_ms,
         ge=0,
         description="Longest an image waits for batch-mates, timed from its arrival in the "
         "queue (time spent behind a running batch counts).",
     )
     max_queue_size: int = Field(
-        64, ge=1, description="Queued images; beyond it requests get 503 with Retry-After."
+        QUEUE.max_queue_size, ge=1, description="Queued images; beyond it requests get 503 with Retry-After."
     )
     request_timeout_s: float = Field(
         30.0,
@@ -81,7 +90,7 @@ class Settings(BaseSettings):
         16, ge=1, description="Most images in one `POST /segment/batch`."
     )
     bucket_multiple: int = Field(
-        32,
+        INFERENCE.bucket_multiple,
         ge=1,
         description="Images are padded to multiples of this so that different sizes batch "
         "together. 32 is the EfficientNet-Lite0 model's own padding, so labels are exactly "
@@ -95,33 +104,31 @@ class Settings(BaseSettings):
         "(0: min(4, CPU count)).",
     )
     torch_threads: int = Field(
-        0,
+        INFERENCE.torch_threads,
         ge=0,
         description="CPU threads for torch (0: one per worker when the CPU runs several "
         "workers, else torch's default).",
     )
     channels_last: bool = Field(
-        False,
+        INFERENCE.channels_last,
         description="Run convolutions on NHWC (channels-last) tensors: faster with cuDNN "
         "tensor cores and oneDNN; `fcn-bench` measures it per device.",
     )
     compile: bool = Field(
-        False,
+        INFERENCE.compile,
         description="`torch.compile` the model (static shapes). The warm-up compiles each "
         "size of `FCN_WARMUP_SIZES` at batch sizes 1, 2, 4, ... up to the full batch, and "
         "batches of those buckets are rounded up to one of them, so serving never compiles; "
         "list the sizes clients send.",
     )
-    compile_mode: Literal[
-        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
-    ] = Field(
-        "default",
+    compile_mode: CompileMode = Field(
+        INFERENCE.compile_mode,
         description="The `torch.compile` mode when `FCN_COMPILE` is on. `reduce-overhead` "
         "replays a CUDA graph per bucket and batch size (the warm-up records them), which "
         "removes the per-kernel launch cost of small batches.",
     )
     cudnn_benchmark: bool = Field(
-        True,
+        INFERENCE.cudnn_benchmark,
         description="CUDA: cuDNN times its algorithms once per input shape; pays off because "
         "size buckets keep the shapes few.",
     )
@@ -133,7 +140,7 @@ class Settings(BaseSettings):
         "CMYK, images to downscale and overlays decode on the CPU as usual.",
     )
     pipeline_depth: int = Field(
-        2,
+        QUEUE.pipeline_depth,
         ge=1,
         le=8,
         description="Batches in flight at once. With 2, the next batch is padded, copied in "
@@ -142,7 +149,7 @@ class Settings(BaseSettings):
         "batches strictly one after another.",
     )
     cpu_workers: int = Field(
-        0,
+        INFERENCE.cpu_workers,
         ge=0,
         description="CPU only: a batch's images run as parallel single-image forward passes "
         "on this many threads, each with one torch thread; on CPUs that beats both batching "
@@ -184,28 +191,26 @@ class Settings(BaseSettings):
         return device
 
     def resolved_weights(self) -> Path:
-        """The weights path as given if it exists, else under the package root."""
+        """The weights path as given if it exists, else under the repository root, else the
+        shipped file of that name; as given (for the error message) when none exists."""
         path = self.weights.expanduser()
         if path.is_absolute() or path.exists():
             return path
-        beside_package = PACKAGE_ROOT / path
-        return beside_package if beside_package.exists() else path
+        for candidate in (PACKAGE_ROOT / path, default_weights_dir() / path.name):
+            if candidate.exists():
+                return candidate
+        return path
 
-    def resolved_cpu_workers(self, device_type: str) -> int:
-        if device_type != "cpu":
-            return 1
-        return self.cpu_workers or usable_cores()
+    def inference(self) -> InferenceConfig:
+        """How to run the model: the fields the inference core shares with --local and bulk."""
+        return InferenceConfig(
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(InferenceConfig)}
+        )
 
-    def resolved_max_batch_size(self, device_type: str) -> int:
-        if self.max_batch_size:
-            return self.max_batch_size
-        return 8 if device_type != "cpu" else self.resolved_cpu_workers(device_type)
-
-    def resolved_torch_threads(self, device_type: str) -> int:
-        """Threads to set, or 0 to leave torch's default."""
-        if self.torch_threads:
-            return self.torch_threads
-        return 1 if self.resolved_cpu_workers(device_type) > 1 else 0
+    def queue_policy(self) -> QueuePolicy:
+        return QueuePolicy(
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(QueuePolicy)}
+        )
 
     def resolved_codec_threads(self) -> int:
         return self.codec_threads or min(4, os.cpu_count() or 1)
@@ -223,23 +228,6 @@ class Settings(BaseSettings):
             shown = "unset" if default is None else f"`{default}`"
             rows.append(f"| `FCN_{name.upper()}` | {shown} | {field.description} |")
         return "\n".join(rows)
-
-
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
-
-
-def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
-    """Cores this process may use: its affinity mask (a container's cpuset), cut by a cgroup v2
-    CPU quota (``docker run --cpus``, a Kubernetes CPU limit), which the mask does not show."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass  # no cgroup v2 quota to read
-    return cores
 
 
 def _split(sizes: str) -> list[str]:

@@ -21,7 +21,7 @@ from fcn_core.weights import WeightsMetadata
 from service.batcher import DynamicBatcher
 from service.loading import load_served_model
 from service.metrics import Metrics
-from service.runner import Runner, bucket_of, compiled_batch_sizes, resolve_device
+from service.runner import Runner
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -60,36 +60,15 @@ class ServiceState:
     def start(self) -> None:
         """Blocking: load, warm up, start the worker, report ready."""
         s = self.settings
-        device = resolve_device(s.device)
-        if threads := s.resolved_torch_threads(device.type):
-            torch.set_num_threads(threads)
         if self._model is None:
             loaded = load_served_model(s)
             self._model, self.meta = loaded.model, loaded.meta
         assert self.meta is not None
         self.runner = Runner(
-            self._model,
-            self.meta.normalization,
-            device,
-            s.precision,
-            s.bucket_multiple,
-            on_oom_split=self.metrics.oom_splits.inc,
-            cpu_workers=s.resolved_cpu_workers(device.type),
-            channels_last=s.channels_last,
-            compile=s.compile,
-            compile_mode=s.compile_mode,
-            cudnn_benchmark=s.cudnn_benchmark,
+            self._model, self.meta.normalization, s.inference(), self.metrics.oom_splits.inc
         )
-        self.batcher = DynamicBatcher(
-            self.runner.launch,
-            self.metrics,
-            max_batch_size=s.resolved_max_batch_size(device.type),
-            max_batch_pixels=s.max_batch_pixels,
-            max_queue_delay_ms=s.max_queue_delay_ms,
-            max_queue_size=s.max_queue_size,
-            bucket_multiple=s.bucket_multiple,
-            pipeline_depth=s.pipeline_depth,
-        )
+        self.batcher = DynamicBatcher.from_settings(s, self.runner, self.metrics)
+        device = self.runner.device
         self.metrics.set_model(
             self.meta.arch, self.meta.backbone, self.meta.sha256, str(device), self.precision
         )
@@ -100,11 +79,7 @@ class ServiceState:
             )
         if s.warmup and s.warmup_shapes():
             self.not_ready_reason = "warming up"
-            plan = {}
-            for h, w in s.warmup_shapes():
-                full = self.batcher.capacity(bucket_of(h, w, s.bucket_multiple))
-                plan[(h, w)] = compiled_batch_sizes(full) if s.compile else [1, full]
-            seconds = self.runner.warmup(plan)
+            seconds = self.runner.warmup(s.warmup_shapes())
             log.info("warm-up of %s took %.2f s", s.warmup_sizes, seconds)
         self.batcher.start()
         self.ready = True

@@ -12,10 +12,8 @@ import base64
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +21,8 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.helpers import free_port, wait_for_http
 
 pytestmark = pytest.mark.browser
 
@@ -44,12 +44,6 @@ API_KEY = "front-door-test-key"
 MAX_BODY_BYTES = 2 * 1024 * 1024
 ARTIFACTS = Path(os.environ.get("FCN_TEST_ARTIFACTS", REPO / "artifacts")) / "browser"
 WAIT_MS = 120_000  # a cold CPU forward pass on a shared 2-core machine can take seconds
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -88,18 +82,7 @@ def server(service_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"fcn-serve exited with {proc.returncode}:\n{log_path.read_text()}")
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"fcn-serve not ready after 120 s:\n{log_path.read_text()}")
-                time.sleep(0.2)
+            wait_for_http(f"{url}/readyz", 120, proc=proc, output=log_path.read_text)
             yield url
         finally:
             proc.terminate()

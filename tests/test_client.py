@@ -11,7 +11,6 @@ import asyncio
 import base64
 import io
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,18 +19,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fcn_core.weights import LoadedWeights
-from service.client import (
+from fcn_client.cli import main
+from fcn_client.jobs import collect_jobs
+from fcn_client.sdk import (
     AsyncSegmentationClient,
     RetryPolicy,
     SegmentationClient,
     SegmentationError,
-    collect_jobs,
-    main,
     parse_retry_after,
     parse_server_timing,
 )
+from fcn_core.weights import LoadedWeights
 from tests.conftest import SHARED_DATA, LiveServer, ServeFactory, labels_from_png, predict
+from tests.helpers import free_port
 
 CAMVID_VAL = SHARED_DATA / "camvid" / "val"
 DEMO = SHARED_DATA / "demo-photos"
@@ -145,14 +145,8 @@ def test_busy_server_is_ridden_out_with_retry_after(
     assert len(list((tmp_path / "out").glob("*.png"))) == 6
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed on exit: connections are refused
-
-
 def test_unreachable_server_is_retried_then_reported(tmp_path: Path, capsys) -> None:
-    url = f"http://127.0.0.1:{closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: refused
     seen: list[str] = []
     with (
         SegmentationClient(
@@ -185,7 +179,7 @@ def test_bad_files_fail_alone_with_the_servers_reason(live: LiveServer, tmp_path
     (folder / "broken.jpg").write_bytes(b"this is text with a .jpg name\n")
     out = tmp_path / "out"
     exe = shutil.which("fcn-segment")
-    cmd = [exe] if exe else [sys.executable, "-m", "service.client"]
+    cmd = [exe] if exe else [sys.executable, "-m", "fcn_client"]
     run = subprocess.run(
         [*cmd, str(folder), "--server", live.url, "-o", str(out), "--no-progress"],
         capture_output=True,

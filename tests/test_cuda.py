@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from bench.run import SHIPPED_WEIGHTS
+from fcn_core.inference import InferenceConfig
 from fcn_core.weights import LoadedWeights, load_weights
 from service import codecs
 from service.app import create_app
@@ -41,7 +42,8 @@ def shipped() -> LoadedWeights:
 
 
 def cuda_runner(loaded: LoadedWeights, **options: object) -> Runner:
-    return Runner(copy.deepcopy(loaded.model), loaded.meta.normalization, CUDA, **options)  # type: ignore[arg-type]
+    config = InferenceConfig(device=str(CUDA), **options)  # type: ignore[arg-type]
+    return Runner(copy.deepcopy(loaded.model), loaded.meta.normalization, config)
 
 
 def cpu_labels(loaded: LoadedWeights, rgb: np.ndarray) -> np.ndarray:
@@ -106,8 +108,10 @@ def test_nvjpeg_decodes_close_to_pillow_and_isolates_a_broken_file() -> None:
 
 def test_cuda_graphs_replay_the_eager_labels(shipped: LoadedWeights) -> None:
     eager = cuda_runner(shipped)
-    graphs = cuda_runner(shipped, compile=True, compile_mode="reduce-overhead")
-    graphs.warmup({(360, 480): [1, 2, 4]})
+    graphs = cuda_runner(
+        shipped, compile=True, compile_mode="reduce-overhead", max_batch_size=4
+    )
+    graphs.warmup([(360, 480)])  # batch sizes 1, 2 and 4
     images = frames(6)
     want = [eager.predict([im]).labels[0] for im in images]
     # Two batches in flight: the second replay must not overwrite the first's labels.

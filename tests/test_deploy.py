@@ -12,10 +12,8 @@ import getpass
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from PIL import Image
 
 from fcn_core.weights import LoadedWeights
 from tests.conftest import demo_photos, labels_from_png, predict
+from tests.helpers import answers_ok, free_port, wait_for
 from tests.test_deploy_config import (
     dashboard_expressions,
     dockerfile_exec,
@@ -41,22 +40,6 @@ from tests.test_deploy_config import (
 pytestmark = pytest.mark.deploy
 
 READY_TIMEOUT_S = 120.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float, every: float = 0.2) -> None:
-    """Poll ``check`` until it holds; fail saying what never happened."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @dataclass
@@ -247,10 +230,7 @@ def deployment(
         def up(url: str) -> bool:
             dead = [p.name for p in procs if not p.alive()]
             assert not dead, f"{dead} exited:\n{d.diagnostics()}"
-            try:
-                return httpx.get(url, timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
+            return answers_ok(url)
 
         for port in ports:
             wait_for(

@@ -181,15 +181,15 @@ def test_cpu_fast_paths_give_the_models_own_labels(
     """Parallel single-image forwards and NHWC change the speed, never the labels."""
     import copy
 
-    import torch
-
+    from fcn_core.inference import InferenceConfig
     from service.runner import Runner
 
     # A copy: the runner converts the model it is given in place (channels_last), and the
     # shared reference must stay as other tests expect it.
     model = copy.deepcopy(reference.model)
-    runner = Runner(model, reference.meta.normalization, torch.device("cpu"), **options)
-    assert runner._pool is not None  # the batch really is split across worker threads
+    config = InferenceConfig(device="cpu", **options)
+    runner = Runner(model, reference.meta.normalization, config)
+    assert runner.predictor._pool is not None  # the batch really is split across worker threads
     images = [random_rgb(61, 83, seed=s) for s in range(3)]
     prediction = runner.predict(images)
     assert [p[0] for p in prediction.passes] == [3]

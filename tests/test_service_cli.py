@@ -4,11 +4,8 @@ serving a photo, refusing a missing weights file in one clear line, stopping on 
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -20,14 +17,9 @@ from fcn_core.weights import LoadedWeights, read_metadata
 from service.cli import main
 from service.settings import DEFAULT_WEIGHTS, PACKAGE_ROOT, Settings
 from tests.conftest import DEMO_PHOTOS, LiveServer, labels_from_png, predict
+from tests.helpers import free_port, start_server, stop_server, wait_for_http
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -39,43 +31,8 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def start(env: dict[str, str], cwd: Path, port: int) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            pytest.fail(f"fcn-serve exited with {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    pytest.fail(f"fcn-serve was not ready in {timeout} s:\n{proc.stdout.read()}")
-
-
-def stop(proc: subprocess.Popen) -> str:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        out, _ = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        pytest.fail(f"fcn-serve ignored SIGTERM:\n{out}")
-    # uvicorn re-raises the signal it handled once it has shut down cleanly.
-    assert proc.returncode in (0, -signal.SIGTERM), out
-    assert "Traceback" not in out, out
-    return out
+    cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
+    return start_server(cmd, env, cwd)
 
 
 def test_serves_a_photo_from_the_environment_and_stops_on_sigterm(
@@ -89,7 +46,7 @@ def test_serves_a_photo_from_the_environment_and_stops_on_sigterm(
     proc = start(env, tmp_path, port)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(proc, url)
+        wait_for_http(f"{url}/readyz", 120, proc=proc, output=proc.stdout.read)
         # What the README's curl does: the raw photo, labels back.
         response = httpx.post(
             f"{url}/segment",
@@ -103,7 +60,7 @@ def test_serves_a_photo_from_the_environment_and_stops_on_sigterm(
         np.testing.assert_array_equal(labels, predict(reference, rgb))
         assert httpx.get(f"{url}/v1/model").json()["sha256"] == reference.meta.sha256
     finally:
-        out = stop(proc)
+        out = stop_server(proc)
     assert "warm-up of 64x48,100x60" in out
     assert "Application shutdown complete" in out
 
@@ -174,7 +131,7 @@ def test_no_configuration_serves_the_shipped_weights(tmp_path: Path) -> None:
     proc = start(clean_env(CUDA_VISIBLE_DEVICES=""), tmp_path, port)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(proc, url)
+        wait_for_http(f"{url}/readyz", 120, proc=proc, output=proc.stdout.read)
         info = httpx.get(f"{url}/v1/model").json()
         assert info["sha256"] == read_metadata(shipped).sha256
         assert info["device"] == "cpu"
@@ -189,7 +146,7 @@ def test_no_configuration_serves_the_shipped_weights(tmp_path: Path) -> None:
             assert response.status_code == 200, response.text
             assert (response.json()["width"], response.json()["height"]) == (768, 576)
     finally:
-        stop(proc)
+        stop_server(proc)
 
 
 def test_readme_settings_table_is_the_codes() -> None:
@@ -200,43 +157,12 @@ def test_readme_settings_table_is_the_codes() -> None:
     assert Settings.table() in readme
 
 
-def test_automatic_settings_follow_the_device() -> None:
-    from service.settings import usable_cores
-
-    auto = Settings()
-    cores = usable_cores()
-    assert (auto.resolved_cpu_workers("cpu"), auto.resolved_cpu_workers("cuda")) == (cores, 1)
-    assert auto.resolved_max_batch_size("cpu") == cores  # a batch = one image per worker
-    assert auto.resolved_max_batch_size("cuda") == 8
-    assert auto.resolved_torch_threads("cuda") == 0  # torch's default
-    assert auto.resolved_torch_threads("cpu") == (1 if cores > 1 else 0)
-    chosen = Settings(cpu_workers=3, max_batch_size=5, torch_threads=2)
-    assert chosen.resolved_cpu_workers("cpu") == 3
-    assert chosen.resolved_max_batch_size("cuda") == chosen.resolved_max_batch_size("cpu") == 5
-    assert chosen.resolved_torch_threads("cpu") == 2
-
-
 def test_a_default_cpu_server_runs_a_worker_per_core(live: LiveServer) -> None:
-    from service.settings import usable_cores
+    from fcn_core.inference import usable_cores
 
     state = live.state
     assert state.runner is not None and state.batcher is not None
     workers = usable_cores()
-    pool = state.runner._pool
+    pool = state.runner.predictor._pool
     assert (pool._max_workers if pool else 1) == workers
     assert state.batcher.max_batch_size == workers
-
-
-def test_usable_cores_honour_a_cgroup_cpu_quota(tmp_path: Path) -> None:
-    from service.settings import usable_cores
-
-    unlimited = usable_cores(tmp_path / "absent")
-    cpu_max = tmp_path / "cpu.max"
-    cpu_max.write_text("max 100000\n")
-    assert usable_cores(cpu_max) == unlimited
-    cpu_max.write_text("150000 100000\n")  # docker run --cpus 1.5
-    assert usable_cores(cpu_max) == min(unlimited, 2)
-    cpu_max.write_text("50000 100000\n")
-    assert usable_cores(cpu_max) == 1
-    cpu_max.write_text("garbage\n")
-    assert usable_cores(cpu_max) == unlimited

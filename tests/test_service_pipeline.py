@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from fcn_core.inference import InferenceConfig, crop
 from fcn_core.weights import LoadedWeights
 from service.batcher import DynamicBatcher
 from service.metrics import Metrics
-from service.runner import Prediction, Runner, crop
+from service.runner import Prediction, Runner
 from service.staging import HostBuffers
 from tests.conftest import predict, random_rgb
 
@@ -130,7 +131,7 @@ def test_pipeline_depth_must_be_positive() -> None:
 
 
 def test_runner_reuses_its_staging_buffer_and_stays_exact(reference: LoadedWeights) -> None:
-    runner = Runner(reference.model, reference.meta.normalization, torch.device("cpu"))
+    runner = Runner(reference.model, reference.meta.normalization, InferenceConfig(device="cpu"))
     sizes = [(60, 50), (64, 40), (33, 17), (64, 64), (60, 50)]
     for i, (h, w) in enumerate(sizes):
         image = random_rgb(h, w, seed=i)
@@ -161,10 +162,9 @@ def test_compiled_runner_rounds_batches_up_to_warmed_sizes_and_never_compiles_se
     from service.loading import trivial_model
 
     loaded = trivial_model()
-    runner = Runner(
-        copy.deepcopy(loaded.model), loaded.meta.normalization, torch.device("cpu"), compile=True
-    )
-    runner.warmup({(40, 60): [1, 2, 4]})
+    config = InferenceConfig(device="cpu", compile=True, max_batch_size=4, cpu_workers=1)
+    runner = Runner(copy.deepcopy(loaded.model), loaded.meta.normalization, config)
+    runner.warmup([(40, 60)])  # batch sizes 1, 2 and 4
     compiled = counters["stats"]["unique_graphs"]
     assert compiled >= 3
     images = [random_rgb(40, 60 - i, seed=i) for i in range(3)]  # one bucket, a batch of 3

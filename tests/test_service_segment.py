@@ -314,7 +314,7 @@ def test_request_id_and_server_timing(live: LiveServer) -> None:
 
 
 def test_demo_page_and_static_files(live: LiveServer) -> None:
-    from service.api import INDEX_HTML
+    from service.routes.ui import INDEX_HTML
 
     page = live.client.get("/")
     if INDEX_HTML.is_file():

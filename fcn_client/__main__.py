@@ -1,0 +1,7 @@
+"""``python -m fcn_client``: the same as ``fcn-segment``."""
+
+import sys
+
+from fcn_client.cli import main
+
+sys.exit(main())

@@ -1,0 +1,64 @@
+"""The typed dependencies the routes share: the service state, the request's context, the
+served metadata, the API-key check, and the error responses protected routes document.
+
+``Annotated`` aliases (``State``, ``Context``, ``Meta``) so a route states what it needs in
+its signature; none of them reads a parameter, so the OpenAPI schema is not touched.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from fcn_client.wire import AUTHORIZATION
+from fcn_core.weights import WeightsMetadata
+from service.context import RequestContext, request_context
+from service.errors import ServiceError, unavailable
+from service.schemas import ErrorBody
+from service.state import ServiceState
+
+
+def service_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+State = Annotated[ServiceState, Depends(service_state)]
+Context = Annotated[RequestContext, Depends(request_context)]
+
+
+def served_meta(state: State) -> WeightsMetadata:
+    if state.meta is None:
+        raise unavailable("the model is not loaded yet", reason=None)
+    return state.meta
+
+
+Meta = Annotated[WeightsMetadata, Depends(served_meta)]
+
+
+def require_api_key(request: Request, state: State) -> None:
+    key = state.settings.api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get(AUTHORIZATION, "").partition(" ")
+    expected = key.get_secret_value().encode()
+    # Constant-time comparison: the time to refuse must not leak how much of the key matched.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+        raise ServiceError(
+            401,
+            "missing or wrong API key: send 'Authorization: Bearer <key>'",
+            "unauthorized",
+            {"WWW-Authenticate": "Bearer"},
+        )
+
+
+# The refusals a protected route may answer, documented once for all of them.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 401, 413, 415, 422, 503, 504)
+}
+PROTECTED: dict[str, Any] = {
+    "dependencies": [Depends(require_api_key)],
+    "responses": ERROR_RESPONSES,
+}
+"""Keyword arguments for an ``APIRouter`` whose routes need the API key."""

@@ -1,0 +1,72 @@
+"""``POST /segment`` and ``POST /segment/batch``: read, decode, predict, encode.
+
+Each route is the same four stages (service/uploads.py reads, service/stages.py does the
+rest); they differ in how many images come in and what goes out.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+
+from fcn_client.wire import IMAGE_FIELD, IMAGES_FIELD, ImageFormat, Output
+from service.deps import PROTECTED, Context, Meta, State
+from service.schemas import BatchSegmentation
+from service.stages import decode, encode, predict, render, segmentation
+from service.uploads import read_images
+
+router = APIRouter(**PROTECTED)
+
+IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "`labels`: palette PNG of class indices; `overlay`: PNG or JPEG; "
+        "`json`: a Segmentation",
+        "content": {
+            "image/png": {},
+            "image/jpeg": {},
+            "application/json": {"schema": {"$ref": "#/components/schemas/Segmentation"}},
+        },
+    }
+}
+
+
+@router.post("/segment", responses=IMAGE_RESPONSES, response_class=Response)
+async def segment(
+    request: Request,
+    state: State,
+    ctx: Context,
+    meta: Meta,
+    output: Annotated[Output, Query(description="labels | overlay | json")] = Output.labels,
+    fmt: Annotated[
+        ImageFormat, Query(alias="format", description="overlay format")
+    ] = ImageFormat.png,
+    alpha: Annotated[float, Query(ge=0.0, le=1.0, description="overlay colour weight")] = 0.5,
+) -> Response:
+    """Segment one image, sent as multipart field `image` or as a raw `image/*` body."""
+    with ctx.timed("read"):
+        (blob,) = await read_images(request, IMAGE_FIELD, 1, state.settings.max_body_bytes)
+    (image,) = await decode(state, ctx, [blob], need_pixels=output is Output.overlay)
+    (labels,) = await predict(request, state, ctx, [image])
+    (response,) = await encode(state, ctx, render, [(image, labels, meta, output, fmt, alpha)])
+    return response
+
+
+@router.post("/segment/batch", response_model=BatchSegmentation)
+async def segment_batch(
+    request: Request, state: State, ctx: Context, meta: Meta
+) -> BatchSegmentation:
+    """Segment several images, sent as repeated multipart fields `images`; answered in order."""
+    s = state.settings
+    with ctx.timed("read"):
+        blobs = await read_images(request, IMAGES_FIELD, s.max_images_per_request, s.max_body_bytes)
+    images = await decode(state, ctx, blobs, need_pixels=False)
+    labels = await predict(request, state, ctx, images)
+    results = await encode(
+        state,
+        ctx,
+        segmentation,
+        [(image, lab, meta) for image, lab in zip(images, labels, strict=True)],
+    )
+    return BatchSegmentation(results=results)

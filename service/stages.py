@@ -1,0 +1,192 @@
+"""The stages of a segmentation request, named as LitServe names them: decode, predict, encode.
+
+- ``decode``: uploaded bytes to images, in the codec pool, all images of a request at once.
+- ``predict``: images to label maps through the dynamic batcher, within the request's
+  deadline, while watching for the client to go away.
+- ``encode``: a label map to the answer (label PNG, overlay, JSON), in the codec pool.
+
+Each records its time in the request's context (``Server-Timing``). Failures leave as the
+pipeline's own exceptions (``CodecError``, ``QueueFull``, ``DeadlineExceeded``, ...), which
+service/errors.py alone turns into statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
+
+from fcn_client.wire import ImageFormat, Output
+from fcn_core.weights import WeightsMetadata
+from service import codecs
+from service.batcher import DeadlineExceeded, Job, JobResult, ShuttingDown
+from service.context import RequestContext
+from service.schemas import Segmentation
+from service.state import ServiceState
+
+Image = codecs.DecodedImage | codecs.EncodedJpeg
+T = TypeVar("T")
+
+# -- decode ---------------------------------------------------------------------------------
+
+
+async def decode(
+    state: ServiceState, ctx: RequestContext, blobs: Sequence[bytes], need_pixels: bool
+) -> list[Image]:
+    """Decode in parallel in the codec pool; the first bad image (by position) is the error.
+
+    With ``FCN_DECODE_ON_DEVICE``, JPEGs whose pixels the response does not need (label
+    maps, JSON) only have their header checked here and are decoded by the runner.
+    """
+    s = state.settings
+    defer = s.decode_on_device and not need_pixels
+    outcomes = await asyncio.gather(
+        *(
+            state.in_codec_pool(codecs.decode_or_defer, b, s.max_image_pixels, s.max_side, defer)
+            for b in blobs
+        ),
+        return_exceptions=True,
+    )
+    decoded: list[Image] = []
+    seconds = 0.0
+    for i, outcome in enumerate(outcomes):
+        if isinstance(outcome, codecs.CodecError):
+            raise outcome.at(i, len(blobs))
+        if isinstance(outcome, BaseException):
+            raise outcome
+        decoded.append(outcome[0])
+        seconds += outcome[1]
+    ctx.record("decode", seconds)
+    return decoded
+
+
+# -- predict --------------------------------------------------------------------------------
+
+
+async def predict(
+    request: Request, state: ServiceState, ctx: RequestContext, images: Sequence[Image]
+) -> list[np.ndarray]:
+    """The label maps of ``images`` (at the size the model saw them), in order."""
+    ready, why = state.readiness()
+    if not ready or state.batcher is None:
+        # Refused as a stopping batcher refuses: 503 with Retry-After (see errors.py).
+        raise ShuttingDown(f"not ready: {why}")
+    deadline = ctx.arrival + state.settings.request_timeout_s
+    jobs = state.batcher.submit([image.model_input for image in images], deadline)
+    try:
+        results = await wait_for_jobs(request, jobs, deadline)
+    finally:
+        # Whatever ended the wait (an error, the client gone, the deadline, this task
+        # cancelled), nothing is left behind: queued jobs are withdrawn before compute.
+        if not all(job.future.done() for job in jobs):
+            state.batcher.cancel(jobs)
+        release(jobs)
+    ctx.record("queue", max(r.queue_s for r in results))
+    ctx.record("inference", max(r.infer_s for r in results))
+    return [r.labels for r in results]
+
+
+async def wait_for_jobs(request: Request, jobs: Sequence[Job], deadline: float) -> list[JobResult]:
+    """Every job's result; raises the first failure by position, ``DeadlineExceeded`` at the
+    deadline, or ``ClientDisconnect`` when the client goes away first.
+
+    The job futures are awaited directly, not through ``asyncio.gather``: a gather that is
+    cancelled when a client leaves sets ``CancelledError`` on itself, which nobody retrieves,
+    and asyncio then logs "_GatheringFuture exception was never retrieved" for each request.
+    """
+    pending: set[asyncio.Future] = {job.future for job in jobs}
+    gone = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        while pending:
+            done, _ = await asyncio.wait(
+                pending | {gone},
+                timeout=max(0.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            pending -= done
+            if any(f is not gone and not f.cancelled() and f.exception() for f in done):
+                raise first_failure(jobs)
+            if not pending:
+                break  # every result is in: answer, even if the client left meanwhile
+            if gone in done:
+                raise ClientDisconnect("before the result")
+            if not done:
+                raise DeadlineExceeded()
+    finally:
+        gone.cancel()
+        if gone.done() and not gone.cancelled():
+            gone.exception()  # a receive() that failed: the client is gone all the same
+    return [job.future.result() for job in jobs]
+
+
+def first_failure(jobs: Sequence[Job]) -> BaseException:
+    """The failure of the first failed job by position (an image decoded on the device that
+    turned out broken is named as ``images[i]``)."""
+    for i, job in enumerate(jobs):
+        f = job.future
+        if f.done() and not f.cancelled() and (exc := f.exception()) is not None:
+            return exc.at(i, len(jobs)) if isinstance(exc, codecs.CodecError) else exc
+    raise AssertionError("first_failure called with no failed job")
+
+
+def release(jobs: Sequence[Job]) -> None:
+    """Nobody will read these futures again: cancel the pending ones (the batcher skips a
+    cancelled future) and mark failures as seen, so asyncio does not log them as lost."""
+    for job in jobs:
+        if not job.future.cancel() and not job.future.cancelled():
+            job.future.exception()
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client goes away (the body has been read: nothing else can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# -- encode ---------------------------------------------------------------------------------
+
+
+async def encode(
+    state: ServiceState, ctx: RequestContext, fn: Callable[..., T], calls: Sequence[tuple]
+) -> list[T]:
+    """``fn(*args)`` for each args of ``calls``, in parallel in the codec pool."""
+    encoded = await asyncio.gather(*(state.in_codec_pool(fn, *args) for args in calls))
+    ctx.record("encode", sum(seconds for _, seconds in encoded))
+    return [out for out, _ in encoded]
+
+
+def segmentation(image: Image, labels: np.ndarray, meta: WeightsMetadata) -> Segmentation:
+    """The JSON answer for one image: its size, the classes present, the label PNG."""
+    full = codecs.restore_size(labels, image.size)
+    return Segmentation(
+        width=image.size[0],
+        height=image.size[1],
+        classes=codecs.summary(full, meta.class_names),
+        labels_png_base64=codecs.b64(codecs.labels_png(full, meta.palette)),
+    )
+
+
+def render(
+    image: Image,
+    labels: np.ndarray,
+    meta: WeightsMetadata,
+    output: Output,
+    fmt: ImageFormat,
+    alpha: float,
+) -> Response:
+    """The answer to ``POST /segment`` for one image, in the ``output`` asked for."""
+    if output is Output.json:
+        body = segmentation(image, labels, meta).model_dump_json().encode()
+        return Response(body, media_type="application/json")
+    full = codecs.restore_size(labels, image.size)
+    if output is Output.labels:
+        return Response(codecs.labels_png(full, meta.palette), media_type="image/png")
+    assert isinstance(image, codecs.DecodedImage), "overlays are drawn on decoded pixels"
+    data = codecs.overlay(image.rgb, full, meta.palette, alpha, fmt.value)
+    return Response(data, media_type=f"image/{fmt.value}")
