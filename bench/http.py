@@ -25,8 +25,9 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
-from bench.images import DEFAULT_DATA_ROOT, WORKLOADS, workload_jpegs
 from service.client import parse_server_timing
+
+from .images import DEFAULT_DATA_ROOT, WORKLOADS, workload_jpegs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BATCH_METRIC = "fcn_batch_size"

@@ -29,17 +29,6 @@ class NoImagesError(FileNotFoundError):
     """No photos where the benchmark looked: the data root is missing or empty."""
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'500x375' -> (500, 375), width first as image sizes are usually written."""
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"image size must look like 500x375, not {text!r}") from None
-    if w <= 0 or h <= 0:
-        raise ValueError(f"image size must be positive, not {text!r}")
-    return w, h
-
-
 def source_files(data_root: Path, folders: Sequence[str], limit: int) -> list[Path]:
     files: list[Path] = []
     for folder in folders:
@@ -57,10 +46,11 @@ def source_files(data_root: Path, folders: Sequence[str], limit: int) -> list[Pa
 
 
 def load_rgb(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """H x W x 3 uint8, centre-cropped to the aspect ratio and resized to size=(w, h)."""
+    """H x W x 3 uint8, centre-cropped to the aspect ratio and resized to size=(h, w)."""
+    h, w = size
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im).convert("RGB")
-        im = ImageOps.fit(im, size, Image.Resampling.BILINEAR)
+        im = ImageOps.fit(im, (w, h), Image.Resampling.BILINEAR)  # PIL sizes are (w, h)
         return np.asarray(im, dtype=np.uint8).copy()
 
 
@@ -77,13 +67,13 @@ def workload_arrays(
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
     w, h, _ = WORKLOADS[workload]
-    return photos_of_size((w, h), count, data_root)
+    return photos_of_size((h, w), count, data_root)
 
 
 def photos_of_size(
     size: tuple[int, int], count: int = 8, data_root: Path = DEFAULT_DATA_ROOT
 ) -> list[np.ndarray]:
-    """Real photos resized to ``size`` (w, h), from the workload whose area is closest."""
+    """Real photos resized to ``size`` (h, w), from the workload whose area is closest."""
     area = size[0] * size[1]
     nearest = min(WORKLOADS.values(), key=lambda v: abs(math.log(v[0] * v[1] / area)))
     return [load_rgb(p, size) for p in source_files(data_root, nearest[2], count)]

@@ -26,12 +26,14 @@ from pydantic import BaseModel
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.images import DEFAULT_DATA_ROOT, parse_size, photos_of_size
-from bench.machine import MachineInfo, default_device, describe
 from fcn_core.models import build_model
 from fcn_core.models.backbones import default_normalization
 from fcn_core.preprocess import Normalization
 from fcn_core.weights import load_weights
+from service.settings import parse_size
+
+from .images import DEFAULT_DATA_ROOT, photos_of_size
+from .machine import MachineInfo, default_device, describe
 
 DEFAULT_THREADS = torch.get_num_threads()  # read before anything changes it
 PRECISIONS: dict[str, torch.dtype | None] = {
@@ -280,7 +282,7 @@ def intra_op_threads(threads: int) -> Iterator[None]:
 
 
 def sweep_cases(
-    sizes: Iterable[tuple[int, int]],
+    sizes: Iterable[tuple[int, int]],  # (height, width), as parse_size reads "WxH"
     batches: Iterable[int],
     precisions: Iterable[str],
     channels_last: Iterable[bool],
@@ -289,7 +291,7 @@ def sweep_cases(
 ) -> list[ModelCase]:
     return [
         ModelCase(width=w, height=h, batch=b, precision=p, channels_last=cl, compiled=c, threads=t)
-        for (w, h), b, p, cl, c, t in itertools.product(
+        for (h, w), b, p, cl, c, t in itertools.product(
             sizes, batches, precisions, channels_last, compiled, threads
         )
     ]
@@ -320,11 +322,11 @@ def run_sweep(
     model, norm, note, arch, backbone, num_classes = load_model(
         weights, arch, backbone, num_classes, dev
     )
-    photos: dict[tuple[int, int], list[np.ndarray]] = {}
+    photos: dict[tuple[int, int], list[np.ndarray]] = {}  # (h, w) -> photos of that size
     gflops: dict[tuple[int, int], float] = {}
     results = []
     for case in cases:
-        key = (case.width, case.height)
+        key = (case.height, case.width)
         if key not in photos:
             photos[key] = photos_of_size(key, 8, data_root)
             gflops[key] = model_gflop(arch, backbone, num_classes, case.height, case.width)

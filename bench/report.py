@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from bench.run import BenchReport
+from .records import BenchReport
 
 STAGES = ("read", "decode", "queue", "inference", "encode")
 

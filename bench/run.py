@@ -7,6 +7,8 @@ generator (``bench.http``) at each concurrency, the servers taking turns at each
 that a drift in machine load hits them alike; (3) the service's resident memory over a long
 run; then the targets of the issue as measured ratios. Writes
 ``bench/results/<date>-<device>[-tag].json`` and the same figures as a Markdown table.
+What a run does is its plan (``bench.plan``: the scenarios it lists, in order); what it saves
+is ``bench.records``.
 
     fcn-bench                  # full run for this device (CPU: about 10 minutes on 2 cores)
     fcn-bench --preset smoke   # seconds: checks that the harness works, measures nothing
@@ -24,176 +26,34 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel
 
-from bench.http import LoadResult, Upload, closed_loop
-from bench.images import DEFAULT_DATA_ROOT, WORKLOADS, workload_jpegs
-from bench.machine import MachineInfo, default_device, describe
-from bench.model import ModelReport, randomise_scores, run_sweep, sweep_cases
-from bench.report import markdown
-from bench.servers import ServerProcess, ServerSpec, free_port, serve_all
-from bench.targets import TargetCheck, check_targets
 from fcn_core.data.palettes import CAMVID_CLASSES, CAMVID_PALETTE, VOC_CLASSES, VOC_PALETTE
 from fcn_core.models import build_model
 from fcn_core.models.backbones import default_normalization
+from fcn_core.shipped import DEFAULT_WEIGHTS_NAME, default_weights_dir
 from fcn_core.weights import WeightsMetadata, read_metadata, save_weights
 
+from .http import LoadResult, Upload, closed_loop
+from .images import DEFAULT_DATA_ROOT, WORKLOADS, workload_jpegs
+from .machine import MachineInfo, default_device, describe
+from .model import randomise_scores, run_sweep, sweep_cases
+from .plan import Plan, Scenario, make_plan, select_variants
+from .records import BenchReport, MemoryCheck, ScenarioResult
+from .report import markdown
+from .servers import ServerProcess, ServerSpec, free_port, serve_all
+from .targets import check_targets
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_WEIGHTS = REPO_ROOT / "weights" / "fcn8s-lite0-camvid.safetensors"
+SHIPPED_WEIGHTS = default_weights_dir() / DEFAULT_WEIGHTS_NAME
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 ENDPOINT = "/segment"
 UPLOAD = Upload(field="image")  # what service.client sends: multipart field "image"
-
-
-class Plan(BaseModel):
-    """Everything a run does; recorded in the results so that a figure can be reproduced."""
-
-    preset: str
-    device: str
-    concurrency: list[int]
-    requests_per_level: int  # at most, per server and level (at least 2 x concurrency)
-    seconds_per_level: float  # at most, per server and level
-    memory_requests: int
-    memory_concurrency: int
-    model_batches: list[int]
-    model_precisions: list[str]
-    model_channels_last: list[bool]
-    model_compile: bool  # add torch.compile'd cases (channels_last, the service's precision)
-    model_threads: list[int] = [0]  # CPU intra-op threads to sweep (0: torch's default)
-    model_iters: int
-    model_seconds: float
-    vgg16_http: bool  # the FCN-8s VGG16 scenario through HTTP (GPU); else its raw figures only
-    vgg16_model_batches: list[int]
-    vgg16_model_iters: int
-    service_env: dict[str, str]  # FCN_* settings the service runs with, besides precision
-    # more configurations of the service, measured beside it: name -> FCN_* settings on top
-    service_variants: dict[str, dict[str, str]] = {}
-    lite0_precision: str = "fp32"  # FCN_PRECISION of the service per scenario (CUDA only)
-    vgg16_precision: str = "fp32"
-
-
-def make_plan(preset: str, device: str) -> Plan:
-    cuda = device.startswith("cuda")
-    if preset == "smoke":
-        return Plan(
-            preset=preset,
-            device=device,
-            concurrency=[1, 2],
-            requests_per_level=4,
-            seconds_per_level=20,
-            memory_requests=8,
-            memory_concurrency=2,
-            model_batches=[1],
-            model_precisions=["fp32"],
-            model_channels_last=[False],
-            model_compile=False,
-            model_iters=1,
-            model_seconds=5,
-            vgg16_http=False,
-            vgg16_model_batches=[],
-            vgg16_model_iters=0,
-            service_env={"FCN_MAX_BATCH_SIZE": "2"},
-        )
-    if cuda:
-        return Plan(
-            preset=preset,
-            device=device,
-            concurrency=[1, 4, 16, 64],
-            requests_per_level=2000 if preset == "full" else 400,
-            seconds_per_level=30 if preset == "full" else 10,
-            memory_requests=2000 if preset == "full" else 400,
-            memory_concurrency=16,
-            model_batches=[1, 8, 16, 32],
-            model_precisions=["fp32", "bf16", "fp16"],
-            model_channels_last=[False, True],
-            model_compile=preset == "full",
-            model_iters=30,
-            model_seconds=10,
-            vgg16_http=True,
-            vgg16_model_batches=[1, 8, 16, 32],
-            vgg16_model_iters=20,
-            lite0_precision="fp16",
-            vgg16_precision="bf16",
-            service_env={
-                "FCN_MAX_BATCH_SIZE": "32",
-                "FCN_MAX_BATCH_PIXELS": str(32 * 384 * 512),
-                "FCN_MAX_QUEUE_SIZE": "256",
-            },
-            # Each fast-path switch measured against the service's defaults, in the same run.
-            service_variants={
-                "service-no-pipeline": {"FCN_PIPELINE_DEPTH": "1"},
-                "service-channels-last": {"FCN_CHANNELS_LAST": "true"},
-                "service-device-decode": {"FCN_DECODE_ON_DEVICE": "true"},
-                "service-cuda-graphs": {
-                    "FCN_COMPILE": "true",
-                    "FCN_COMPILE_MODE": "reduce-overhead",
-                },
-            },
-        )
-    quick = preset == "quick"
-    return Plan(
-        preset=preset,
-        device=device,
-        concurrency=[1, 8] if quick else [1, 4, 8, 16],
-        requests_per_level=16 if quick else 120,  # short levels swing by 10-15 %
-        seconds_per_level=20 if quick else 40,
-        memory_requests=200 if quick else 2000,
-        memory_concurrency=8,
-        model_batches=[1, 8],
-        model_precisions=["fp32"] if quick else ["fp32", "bf16"],
-        model_channels_last=[False, True],
-        model_compile=not quick,
-        model_threads=[1, 0],
-        model_iters=3 if quick else 8,
-        model_seconds=10,
-        vgg16_http=False,
-        vgg16_model_batches=[] if quick else [1],
-        vgg16_model_iters=2,
-        service_env={},
-        # The service's CPU defaults (a worker per core, one torch thread each) against GPU-style
-        # batching on intra-op threads, and each switch on top of the defaults.
-        service_variants={
-            "service-batching": {"FCN_CPU_WORKERS": "1", "FCN_MAX_BATCH_SIZE": "8"},
-            "service-no-pipeline": {"FCN_PIPELINE_DEPTH": "1"},
-            "service-device-decode": {"FCN_DECODE_ON_DEVICE": "true"},
-        },
-    )
-
-
-class Scenario(BaseModel):
-    name: str
-    arch: str
-    backbone: str
-    weights: str
-    workload: str
-    image_size: tuple[int, int]  # width, height
-    precision: str  # the service's (the plain server always runs fp32)
-    model: ModelReport | None
-    http: dict[str, list[LoadResult]]  # server -> one result per concurrency
-
-
-class MemoryCheck(BaseModel):
-    server: str
-    requests: int
-    concurrency: int
-    errors: dict[str, int]
-    rss_mib_ready: float  # before the first request of the whole run
-    rss_mib_samples: list[tuple[int, float]]  # (requests done in this run, RSS MiB)
-    growth: float  # last sample / first sample (before the run's first request) - 1
-    max_growth: float  # highest sample / first sample - 1
-    seconds: float
-
-
-class BenchReport(BaseModel):
-    created: str
-    code: str | None = None  # git commit of the code measured, "+dirty" with local changes
-    machine: MachineInfo
-    plan: Plan
-    duration_s: float
-    scenarios: list[Scenario]
-    memory: MemoryCheck | None
-    targets: list[TargetCheck]
-    notes: list[str]
+# What the results say of the weights a scenario timed when it had no trained ones.
+UNTRAINED_NOTES = {
+    "efficientnet_lite0": "untrained FCN-8s Lite0 (no shipped weights yet): same cost, labels not "
+    "meaningful",
+    "vgg16": "untrained FCN-8s VGG16 (timing only; same FLOPs as the reference net)",
+}
 
 
 def untrained_weights(directory: Path, backbone: str) -> Path:
@@ -216,24 +76,23 @@ def untrained_weights(directory: Path, backbone: str) -> Path:
     return path
 
 
-def server_specs(
-    weights: Path, workload: str, precision: str, plan: Plan, trivial: bool
-) -> list[ServerSpec]:
+def server_specs(scenario: Scenario, weights: Path, plan: Plan) -> list[ServerSpec]:
     """The plain server, the service, its variants and (optionally) the trivial-model one."""
-    w, h, _ = WORKLOADS[workload]
+    w, h, _ = WORKLOADS[scenario.workload]
     common = {
         "FCN_DEVICE": plan.device,
         "FCN_WARMUP_SIZES": f"{w}x{h}",
-        "FCN_PRECISION": precision,
+        "FCN_PRECISION": scenario.precision,
         **plan.service_env,
     }
     services = {"service": {**common, "FCN_WEIGHTS": str(weights)}}
     for name, env in plan.service_variants.items():
         services[name] = {**common, **env, "FCN_WEIGHTS": str(weights)}
-    if trivial:
+    if scenario.trivial:
         services["service-trivial"] = {**common, "FCN_TRIVIAL_MODEL": "true"}
     port = free_port()
-    baseline_argv = ["-m", "bench.baseline_server", "--weights", str(weights)]
+    # This package's own name: "bench" in the repository, "fcn_bench" where installed.
+    baseline_argv = ["-m", f"{__package__}.baseline_server", "--weights", str(weights)]
     specs = [
         ServerSpec(
             "baseline",
@@ -327,46 +186,39 @@ def memory_run(
 
 
 def run_scenario(
-    name: str,
+    scenario: Scenario,
+    plan: Plan,
     weights: Path,
     weights_note: str,
-    workload: str,
-    precision: str,
-    plan: Plan,
     *,
-    http: bool,
-    trivial: bool,
-    memory: bool,
-    model_batches: list[int],
-    model_iters: int,
-    model_precisions: list[str],
-    compile_cases: bool,
-    model_threads: list[int],
     data_root: Path,
     log_dir: Path,
     log: Callable[[str], None],
-) -> tuple[Scenario, MemoryCheck | None]:
+) -> tuple[ScenarioResult, MemoryCheck | None]:
+    """The scenario's raw model sweep, then its servers under load, then its memory run."""
+    name, precision = scenario.name, scenario.precision
     meta = read_metadata(weights)
-    w, h, _ = WORKLOADS[workload]
+    w, h, _ = WORKLOADS[scenario.workload]
     model_report = None
-    if model_batches:
+    if scenario.model_batches:
         log(f"[{name}] raw model, {w}x{h}")
+        batches, threads = list(scenario.model_batches), list(scenario.model_threads)
         cases = sweep_cases(
-            [(w, h)],
-            model_batches,
-            model_precisions,
+            [(h, w)],
+            batches,
+            scenario.model_precisions,
             plan.model_channels_last,
             [False],
-            model_threads,
+            threads,
         )
-        if compile_cases:  # compiling takes minutes on the CPU: batch 1 only there
-            batches = model_batches if plan.device.startswith("cuda") else model_batches[:1]
-            cases += sweep_cases([(w, h)], batches, [precision], [True], [True], model_threads[:1])
+        if scenario.model_compile:  # compiling takes minutes on the CPU: batch 1 only there
+            compiled = batches if plan.device.startswith("cuda") else batches[:1]
+            cases += sweep_cases([(h, w)], compiled, [precision], [True], [True], threads[:1])
         model_report = run_sweep(
             cases,
             device=plan.device,
             weights=weights,
-            iters=model_iters,
+            iters=scenario.model_iters,
             max_seconds=plan.model_seconds,
             data_root=data_root,
             log=lambda s: log("  " + s),
@@ -374,14 +226,13 @@ def run_scenario(
         model_report.weights = weights_note
     results: dict[str, list[LoadResult]] = {}
     check = None
-    if http:
-        payloads = workload_jpegs(workload, 8, data_root)
+    if scenario.http:
+        payloads = workload_jpegs(scenario.workload, 8, data_root)
         log(f"[{name}] HTTP, {len(payloads)} real {w}x{h} JPEGs, concurrency {plan.concurrency}")
-        specs = server_specs(weights, workload, precision, plan, trivial)
-        with serve_all(specs, log_dir) as running:
+        with serve_all(server_specs(scenario, weights, plan), log_dir) as running:
             rss_ready = running["service"].rss_bytes()
             results = load_sweep(running, payloads, plan, log)
-            if memory and plan.memory_requests:
+            if scenario.memory and plan.memory_requests:
                 log(f"[{name}] memory: {plan.memory_requests} requests to the service")
                 check = memory_run(
                     running["service"],
@@ -391,28 +242,26 @@ def run_scenario(
                     rss_ready,
                 )
                 log(f"  RSS {check.rss_mib_samples[0][1]} -> {check.rss_mib_samples[-1][1]} MiB")
-    scenario = Scenario(
+    result = ScenarioResult(
         name=name,
         arch=meta.arch,
         backbone=meta.backbone,
         weights=weights_note,
-        workload=workload,
+        workload=scenario.workload,
         image_size=(w, h),
         precision=precision,
         model=model_report,
         http=results,
     )
-    return scenario, check
+    return result, check
 
 
-def select_variants(plan: Plan, names: str) -> None:
-    """Keep only the named service variants ('none': none of them)."""
-    wanted = [] if names.strip() == "none" else [n.strip() for n in names.split(",") if n.strip()]
-    unknown = sorted(set(wanted) - set(plan.service_variants))
-    if unknown:
-        known = ", ".join(plan.service_variants) or "none"
-        raise ValueError(f"unknown variants {unknown}; this plan has: {known}")
-    plan.service_variants = {n: plan.service_variants[n] for n in wanted}
+def scenario_weights(scenario: Scenario, weights: Path | None, directory: Path) -> tuple[Path, str]:
+    """The file the scenario times and what the results say of it: the run's weights for a
+    scenario that wants trained ones, when there are any; else untrained ones made here."""
+    if scenario.trained and weights is not None:
+        return weights, display_path(weights)
+    return untrained_weights(directory, scenario.backbone), UNTRAINED_NOTES[scenario.backbone]
 
 
 def code_version() -> str | None:
@@ -464,59 +313,17 @@ def run(
         tmpdir = Path(tmp)
         if weights is None and SHIPPED_WEIGHTS.is_file():
             weights = SHIPPED_WEIGHTS
-        if weights is None:
-            weights = untrained_weights(tmpdir, "efficientnet_lite0")
-            note = (
-                "untrained FCN-8s Lite0 (no shipped weights yet): same cost, labels not meaningful"
+        scenarios: list[ScenarioResult] = []
+        memory = None
+        for scenario in plan.scenarios:
+            path, note = scenario_weights(scenario, weights, tmpdir)
+            if scenario.trained and weights is None:
+                notes.append(note)  # figures of untrained weights where trained were meant
+            result, check = run_scenario(
+                scenario, plan, path, note, data_root=data_root, log_dir=tmpdir / "logs", log=log
             )
-            notes.append(note)
-        else:
-            note = display_path(weights)
-        scenarios = []
-        lite0, memory = run_scenario(
-            "lite0-camvid",
-            weights,
-            note,
-            "camvid",
-            plan.lite0_precision,
-            plan,
-            http=True,
-            trivial=True,
-            memory=True,
-            model_batches=plan.model_batches,
-            model_iters=plan.model_iters,
-            model_precisions=plan.model_precisions,
-            compile_cases=plan.model_compile,
-            model_threads=plan.model_threads,
-            data_root=data_root,
-            log_dir=tmpdir / "logs",
-            log=log,
-        )
-        scenarios.append(lite0)
-        if plan.vgg16_http or plan.vgg16_model_batches:
-            vgg = untrained_weights(tmpdir, "vgg16")
-            vgg_note = "untrained FCN-8s VGG16 (timing only; same FLOPs as the reference net)"
-            vgg_precisions = plan.model_precisions if plan.vgg16_http else ["fp32"]
-            scenario, _ = run_scenario(
-                "vgg16-voc",
-                vgg,
-                vgg_note,
-                "voc",
-                plan.vgg16_precision,
-                plan,
-                http=plan.vgg16_http,
-                trivial=False,
-                memory=False,
-                model_batches=plan.vgg16_model_batches,
-                model_iters=plan.vgg16_model_iters,
-                model_precisions=vgg_precisions,
-                compile_cases=plan.model_compile and plan.vgg16_http,
-                model_threads=plan.model_threads[:1],
-                data_root=data_root,
-                log_dir=tmpdir / "logs",
-                log=log,
-            )
-            scenarios.append(scenario)
+            scenarios.append(result)
+            memory = memory or check  # the report holds one: the scenario with memory=True
     when = dt.datetime.now(dt.timezone.utc)
     report = BenchReport(
         created=when.isoformat(timespec="seconds"),

@@ -8,23 +8,10 @@ than dropped, so a missing figure is visible.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-from pydantic import BaseModel
-
-from bench.http import LoadResult
-from bench.model import ModelReport, ModelResult
-
-if TYPE_CHECKING:
-    from bench.run import BenchReport, Scenario
-
-
-class TargetCheck(BaseModel):
-    name: str
-    goal: str
-    measured: str
-    ratio: float | None
-    met: bool | None  # None: not measured in this run (device, preset, missing figure)
+from .http import LoadResult
+from .model import ModelReport, ModelResult
+from .records import BenchReport, ScenarioResult, TargetCheck
 
 
 def at_concurrency(results: list[LoadResult], c: int) -> LoadResult | None:
@@ -74,7 +61,7 @@ def _none(name: str, goal: str, why: str) -> TargetCheck:
     return TargetCheck(name=name, goal=goal, measured=why, ratio=None, met=None)
 
 
-def scenario_named(report: BenchReport, name: str) -> Scenario | None:
+def scenario_named(report: BenchReport, name: str) -> ScenarioResult | None:
     return next((s for s in report.scenarios if s.name == name), None)
 
 

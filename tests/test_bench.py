@@ -7,7 +7,9 @@ does, with tiny settings.
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import graphlib
 import json
 from pathlib import Path
 
@@ -18,13 +20,16 @@ from torch import nn
 from bench.http import LoadResult, Upload, batch_histogram, closed_loop, percentile
 from bench.images import WORKLOADS, workload_arrays, workload_jpegs
 from bench.model import label_agreement, model_gflop
-from bench.run import SHIPPED_WEIGHTS, BenchReport, make_plan, run, untrained_weights
+from bench.plan import Plan, make_plan, select_variants
+from bench.records import BenchReport
+from bench.run import SHIPPED_WEIGHTS, run, untrained_weights
 from bench.servers import ServerSpec, free_port, serve_all
 from fcn_core.models import build_model
 from fcn_core.weights import load_weights
 from service.metrics import Metrics
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 needs_data = pytest.mark.skipif(
     not (DATA / "camvid" / "val").is_dir(), reason=f"shared photos not found under {DATA}"
 )
@@ -172,9 +177,36 @@ def test_fp16_labels_agree_with_fp32_on_real_photos() -> None:
     assert result.agreement >= 0.995
 
 
-def test_variants_can_be_chosen_by_name() -> None:
-    from bench.run import select_variants
+def test_bench_modules_import_each_other_one_way_and_by_relative_name() -> None:
+    """No circle, so each module can be read (and imported) without the ones above it; and no
+    absolute ``bench.`` imports, which would break the installed package (``fcn_bench``)."""
+    graph: dict[str, set[str]] = {}
+    for path in BENCH.glob("*.py"):
+        imports = [
+            n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom)
+        ]
+        graph[path.stem] = {n.module for n in imports if n.level == 1 and n.module}
+        absolute = [
+            n.module for n in imports if n.level == 0 and (n.module or "").split(".")[0] == "bench"
+        ]
+        assert not absolute, f"{path.name}: import {absolute} relatively"
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError on a circle
 
+
+def test_each_plan_lists_the_scenarios_it_runs() -> None:
+    assert [s.name for s in make_plan("smoke", "cpu").scenarios] == ["lite0-camvid"]
+    lite0, vgg16 = make_plan("full", "cpu").scenarios
+    assert lite0.trained and lite0.http and lite0.trivial and lite0.memory
+    assert not vgg16.trained and not vgg16.http and vgg16.model_batches  # raw figures only
+    gpu = make_plan("full", "cuda")
+    assert [(s.name, s.http, s.precision) for s in gpu.scenarios] == [
+        ("lite0-camvid", True, "fp16"),
+        ("vgg16-voc", True, "bf16"),
+    ]
+    assert Plan.model_validate_json(gpu.model_dump_json()) == gpu  # as recorded in the results
+
+
+def test_variants_can_be_chosen_by_name() -> None:
     plan = make_plan("full", "cuda")
     assert "service-cuda-graphs" in plan.service_variants
     select_variants(plan, "service-cuda-graphs, service-device-decode")
