@@ -198,17 +198,25 @@ class DistillationLoss:
 
     ``target`` is N x C x H x W teacher logits, NaN where there is no photo. A pixel counts in
     the cross entropy when the teacher's top probability reaches ``confidence``; the KL term
-    covers every photo pixel (soft targets carry the uncertainty themselves).
+    covers every photo pixel (soft targets carry the uncertainty themselves). The KL is taken
+    on ``kd_stride`` x ``kd_stride`` averages of both maps: the teacher's logits are stride 16
+    to begin with, so full resolution adds cost (16x at stride 4) and no information, while
+    the hard labels keep full resolution for the boundaries.
     """
 
     def __init__(
-        self, confidence: float = 0.5, kd_weight: float = 0.0, temperature: float = 1.0
+        self,
+        confidence: float = 0.5,
+        kd_weight: float = 0.0,
+        temperature: float = 1.0,
+        kd_stride: int = 4,
     ) -> None:
         if not 0 <= confidence < 1:
             raise ValueError(f"confidence must be in [0, 1), got {confidence}")
-        if kd_weight < 0 or temperature <= 0:
-            raise ValueError("kd_weight must be >= 0 and temperature > 0")
+        if kd_weight < 0 or temperature <= 0 or kd_stride < 1:
+            raise ValueError("kd_weight must be >= 0, temperature > 0 and kd_stride >= 1")
         self.confidence, self.kd_weight, self.temperature = confidence, kd_weight, temperature
+        self.kd_stride = kd_stride
 
     def hard_labels(self, target: torch.Tensor) -> torch.Tensor:
         """The teacher's labels, ``VOID`` where it is unsure or where there is no photo."""
@@ -216,6 +224,27 @@ class DistillationLoss:
         probs = torch.nan_to_num(target).float().softmax(1)
         confidence, labels = probs.max(1)
         return labels.masked_fill(~valid | (confidence < self.confidence), VOID)
+
+    def soft_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """T^2 x KL(teacher || student) per pixel, averaged over the photo's pixels."""
+        valid = (~torch.isnan(target[:, :1])).float()
+        teacher = torch.nan_to_num(target).float()
+        if self.kd_stride > 1:
+            k = self.kd_stride
+            # A pooled cell counts only if all of it is photo (ceil: no pixel is dropped).
+            valid = F.avg_pool2d(valid, k, ceil_mode=True) > 0.999
+            teacher = F.avg_pool2d(teacher, k, ceil_mode=True)
+            logits = F.avg_pool2d(logits, k, ceil_mode=True)
+        else:
+            valid = valid > 0
+        valid = valid[:, 0]
+        if not valid.any():
+            return logits.sum() * 0.0
+        t = self.temperature
+        teacher = (teacher / t).log_softmax(1)
+        student = (logits / t).log_softmax(1)
+        kl = (teacher.exp() * (teacher - student)).sum(1)
+        return t * t * kl[valid].mean()
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -225,11 +254,5 @@ class DistillationLoss:
         else:
             loss = logits.sum() * 0.0
         if self.kd_weight > 0:
-            valid = ~torch.isnan(target[:, 0])
-            if valid.any():
-                t = self.temperature
-                teacher = (torch.nan_to_num(target).float() / t).log_softmax(1)
-                student = (logits / t).log_softmax(1)
-                kl = (teacher.exp() * (teacher - student)).sum(1)
-                loss = loss + self.kd_weight * t * t * kl[valid].mean()
+            loss = loss + self.kd_weight * self.soft_loss(logits, target)
         return loss

@@ -117,7 +117,7 @@ def build_criterion(
     if cfg.teacher is not None:
         if cfg.class_weights != "none":
             raise ValueError("--class-weights needs masks; a teacher gives logits")
-        return DistillationLoss(cfg.confidence, cfg.kd_weight, cfg.temperature)
+        return DistillationLoss(cfg.confidence, cfg.kd_weight, cfg.temperature, cfg.kd_stride)
     weight = None
     if cfg.class_weights == "median-freq":
         weight = median_frequency_weights(train_ds).to(device)

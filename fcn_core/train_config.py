@@ -109,6 +109,7 @@ class TrainConfig:
     confidence: float = 0.5
     kd_weight: float = 0.0
     temperature: float = 1.0
+    kd_stride: int = 4
     teacher_note: str = ""
     also_eval: list[str] = field(default_factory=list)
     argv: list[str] = field(default_factory=list)
@@ -202,6 +203,12 @@ def parse_args(argv: Sequence[str] | None) -> TrainConfig:
         "--kd-weight", type=float, default=0.0, help="weight of the soft (KL) loss; 0: hard only"
     )
     distil.add_argument("--temperature", type=float, default=1.0, help="of the soft loss")
+    distil.add_argument(
+        "--kd-stride",
+        type=int,
+        default=4,
+        help="the soft loss compares k x k averages of both maps (the teacher's are stride 16)",
+    )
     distil.add_argument(
         "--teacher-note", default="", help="said of the teacher in the metadata (its licence)"
     )

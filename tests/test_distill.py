@@ -135,12 +135,18 @@ def test_loss_ignores_unsure_pixels_and_pixels_past_the_photo() -> None:
     value = loss(student, target)
     assert value.item() == pytest.approx(np.log(3), rel=1e-5)  # one pixel, uniform student
     # The soft term vanishes when the student matches the teacher, and only there.
-    soft = DistillationLoss(confidence=0.99, kd_weight=1.0, temperature=2.0)
+    soft = DistillationLoss(confidence=0.99, kd_weight=1.0, temperature=2.0, kd_stride=1)
     same = torch.nan_to_num(target)
     assert soft(same.clone(), target).item() == pytest.approx(
         DistillationLoss(confidence=0.99)(same.clone(), target).item(), abs=1e-6
     )
     assert soft(torch.zeros(1, 3, 2, 2), target).item() > 0
+    # At stride 4 the soft term compares 4 x 4 averages: still zero only for a matching student.
+    big = torch.randn(2, 3, 8, 8)
+    big[1, :, 4:, :] = float("nan")
+    pooled = DistillationLoss(confidence=0.99, kd_weight=1.0, kd_stride=4)
+    assert pooled.soft_loss(torch.nan_to_num(big), big).item() == pytest.approx(0.0, abs=1e-6)
+    assert pooled.soft_loss(torch.zeros(2, 3, 8, 8), big).item() > 0
     # Nothing labelled at all: a zero loss that still backpropagates, not NaN.
     empty = DistillationLoss()(student, torch.full((1, 3, 2, 2), float("nan")))
     empty.backward()
