@@ -1,9 +1,13 @@
-"""Dynamic batching: concurrent requests share forward passes (read back from /metrics),
-sizes share buckets and stay exact, and the batching delay is timed from arrival."""
+"""service/batcher.py: concurrent requests share forward passes (read back from /metrics),
+sizes share buckets and stay exact, the batching delay is timed from arrival, the queue is
+bounded; and the launch/wait pipeline: the next batch is launched while the previous one is
+still on the device, answers keep their order, at most ``pipeline_depth`` batches are in
+flight, and a failed batch fails only its own requests."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -170,28 +174,108 @@ def test_queue_is_bounded_and_all_or_nothing() -> None:
     asyncio.run(main())
 
 
-@pytest.mark.parametrize(
-    "options",
-    [{"cpu_workers": 2}, {"cpu_workers": 2, "channels_last": True}],
-    ids=["cpu-workers", "cpu-workers+channels-last"],
-)
-def test_cpu_fast_paths_give_the_models_own_labels(
-    reference: LoadedWeights, options: dict[str, object]
-) -> None:
-    """Parallel single-image forwards and NHWC change the speed, never the labels."""
-    import copy
+class SerialDevice:
+    """Stands in for an asynchronous device: ``launch`` returns at once, the batch finishes
+    ``device_s`` after the previous one (one batch at a time), and ``wait`` blocks until then.
+    Every image's label map is filled with its batch's index, so answers can be traced."""
 
-    from fcn_core.inference import InferenceConfig
-    from service.runner import Runner
+    def __init__(self, device_s: float, fail_batches: Sequence[int] = ()) -> None:
+        self.device_s = device_s
+        self.fail_batches = set(fail_batches)
+        self.events: list[tuple[str, int]] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self._free_at = 0.0
+        self._lock = threading.Lock()
 
-    # A copy: the runner converts the model it is given in place (channels_last), and the
-    # shared reference must stay as other tests expect it.
-    model = copy.deepcopy(reference.model)
-    config = InferenceConfig(device="cpu", **options)
-    runner = Runner(model, reference.meta.normalization, config)
-    assert runner.predictor._pool is not None  # the batch really is split across worker threads
-    images = [random_rgb(61, 83, seed=s) for s in range(3)]
-    prediction = runner.predict(images)
-    assert [p[0] for p in prediction.passes] == [3]
-    for image, labels in zip(images, prediction.labels, strict=True):
-        assert np.array_equal(labels, predict(reference, image))
+    def __call__(self, images: Sequence[np.ndarray]) -> Pending:
+        with self._lock:
+            index = sum(1 for kind, _ in self.events if kind == "launch")
+            self.events.append(("launch", index))
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            self._free_at = max(time.monotonic(), self._free_at) + self.device_s
+            return Pending(self, index, list(images), self._free_at)
+
+
+class Pending:
+    def __init__(
+        self, device: SerialDevice, index: int, images: list[np.ndarray], ready_at: float
+    ) -> None:
+        self.device, self.index, self.images, self.ready_at = device, index, images, ready_at
+
+    def wait(self) -> Prediction:
+        time.sleep(max(0.0, self.ready_at - time.monotonic()))
+        with self.device._lock:
+            self.device.in_flight -= 1
+            self.device.events.append(("done", self.index))
+        if self.index in self.device.fail_batches:
+            raise RuntimeError(f"device error in batch {self.index}")
+        labels = [np.full(im.shape[:2], self.index, np.uint8) for im in self.images]
+        return Prediction(labels, [(len(self.images), self.device.device_s)])
+
+
+def run(device: SerialDevice, images: int, depth: int) -> tuple[list[object], float]:
+    """Submit ``images`` one-image requests at once (batches of 2); results and seconds."""
+
+    async def main() -> tuple[list[object], float]:
+        batcher = DynamicBatcher(
+            device, Metrics(), max_batch_size=2, max_queue_delay_ms=0, pipeline_depth=depth
+        )
+        batcher.start()
+        start = time.monotonic()
+        jobs = [
+            batcher.submit([np.full((4, 4, 3), i, np.uint8)], time.monotonic() + 30)[0]
+            for i in range(images)
+        ]
+        results = await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+        seconds = time.monotonic() - start
+        await asyncio.to_thread(batcher.stop, 5.0)
+        return list(results), seconds
+
+    return asyncio.run(main())
+
+
+def test_the_next_batch_is_launched_before_the_previous_one_finishes() -> None:
+    device = SerialDevice(device_s=0.3)
+    results, _ = run(device, images=6, depth=2)
+    # Batch 1 was launched while batch 0 was still running, and so on.
+    assert device.events[:3] == [("launch", 0), ("launch", 1), ("done", 0)]
+    assert device.most_in_flight == 2
+    # Answers keep their order: requests 2k and 2k+1 were batch k.
+    assert [int(r.labels[0, 0]) for r in results] == [0, 0, 1, 1, 2, 2]  # type: ignore[union-attr]
+
+
+def test_depth_one_runs_batches_one_after_another() -> None:
+    device = SerialDevice(device_s=0.05)
+    results, _ = run(device, images=6, depth=1)
+    assert device.events == [(kind, i) for i in range(3) for kind in ("launch", "done")], (
+        device.events
+    )
+    assert device.most_in_flight == 1
+    assert [int(r.labels[0, 0]) for r in results] == [0, 0, 1, 1, 2, 2]  # type: ignore[union-attr]
+
+
+def test_depth_bounds_the_batches_in_flight() -> None:
+    device = SerialDevice(device_s=0.1)
+    run(device, images=16, depth=3)
+    assert device.most_in_flight == 3
+
+
+def test_a_batch_failing_on_the_device_fails_only_its_own_requests() -> None:
+    device = SerialDevice(device_s=0.05, fail_batches=[1])
+    results, _ = run(device, images=6, depth=2)
+    assert [type(r).__name__ for r in results] == [
+        "JobResult",
+        "JobResult",
+        "RuntimeError",
+        "RuntimeError",
+        "JobResult",
+        "JobResult",
+    ]
+    assert "batch 1" in str(results[2])
+
+
+def test_pipeline_depth_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="pipeline_depth"):
+        DynamicBatcher(SerialDevice(0.0), Metrics(), pipeline_depth=0)
