@@ -171,7 +171,9 @@ def test_dockerfile_copies_what_it_needs_and_nothing_is_ignored_away() -> None:
 
     copies = [rest.split() for word, rest in dockerfile_instructions() if word == "COPY"]
     sources = [src for *srcs, _dest in copies for src in srcs if not src.startswith("--")]
-    assert str(DEFAULT_WEIGHTS) in sources, "the image must carry the default weights"
+    assert any(
+        (REPO / DEFAULT_WEIGHTS).is_relative_to(REPO / src) for src in sources
+    ), "the image must carry the default weights"
     for src in sources:
         path = REPO / src
         assert path.exists(), f"Dockerfile copies {src}, which is not in the repository"
@@ -518,4 +520,4 @@ def test_dockerignore_matcher_follows_docker_rules() -> None:
     assert dockerignore_excludes("service/__pycache__/api.cpython-311.pyc")
     assert dockerignore_excludes("bench/results/run.json")
     assert not dockerignore_excludes("weights/fcn8s-lite0-camvid.safetensors")
-    assert dockerignore_excludes("weights/other.safetensors")
+    assert dockerignore_excludes("weights/notes.txt")
