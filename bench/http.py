@@ -25,7 +25,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
-from service.client import parse_server_timing
+from fcn_client.sdk import parse_server_timing
 
 from .images import DEFAULT_DATA_ROOT, WORKLOADS, workload_jpegs
 

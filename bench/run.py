@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from fcn_client.wire import IMAGE_FIELD
 from fcn_core.data.palettes import CAMVID_CLASSES, CAMVID_PALETTE, VOC_CLASSES, VOC_PALETTE
 from fcn_core.models import build_model
 from fcn_core.models.backbones import default_normalization
@@ -47,7 +48,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_WEIGHTS = default_weights_dir() / DEFAULT_WEIGHTS_NAME
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 ENDPOINT = "/segment"
-UPLOAD = Upload(field="image")  # what service.client sends: multipart field "image"
+UPLOAD = Upload(field=IMAGE_FIELD)  # what fcn_client sends
 # What the results say of the weights a scenario timed when it had no trained ones.
 UNTRAINED_NOTES = {
     "efficientnet_lite0": "untrained FCN-8s Lite0 (no shipped weights yet): same cost, labels not "
