@@ -1,0 +1,154 @@
+"""fcn-export: a weights file -> an ONNX graph, cached by content hash, checked on real photos.
+
+The graph is the network alone, exactly what ``Predictor`` runs: a normalised float
+N x 3 x H x W batch in, N x C x H x W logits out, with batch, height and width dynamic (the
+Lite0 FCN pads itself to a multiple of 32 inside the graph). Normalisation, the argmax and
+the crop stay in the inference core, so every backend shares them and the labels differ only
+by what the runtime computes. The weights' metadata (classes, palette, normalisation, content
+hash, the command that made them) travels in the ONNX file's ``metadata_props`` under ``fcn``.
+
+Exports are cached by the weights' content hash (``FCN_CACHE_DIR``, else
+``~/.cache/fcn-serve``), so a service exports once per weights file, not at every start.
+Needs the ``onnx`` extra (onnx, onnxscript, onnxruntime for the check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fcn_core.files import atomic_write
+from fcn_core.weights import LoadedWeights, WeightsError, WeightsMetadata, load_weights
+
+METADATA_KEY = "fcn"
+INPUT, OUTPUT = "input", "logits"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FCN_CACHE_DIR", Path.home() / ".cache" / "fcn-serve"))
+
+
+def export_onnx(loaded: LoadedWeights, path: str | Path) -> Path:
+    """Write the network of ``loaded`` as ONNX (dynamic batch, height, width) to ``path``."""
+    import onnx
+
+    model = loaded.model.eval().cpu()
+    dynamic = torch.export.Dim.DYNAMIC
+    example = torch.zeros(1, 3, 64, 64)
+    program = torch.onnx.export(
+        model,
+        (example,),
+        dynamo=True,
+        dynamic_shapes={"x": {0: dynamic, 2: dynamic, 3: dynamic}},
+        input_names=[INPUT],
+        output_names=[OUTPUT],
+        verbose=False,
+    )
+    proto = program.model_proto
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(loaded.meta.to_dict())
+    return atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)))
+
+
+def read_onnx_metadata(path: str | Path) -> WeightsMetadata:
+    """The weights' metadata an export carries (raises ``WeightsError`` if it has none)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    for entry in proto.metadata_props:
+        if entry.key == METADATA_KEY:
+            return WeightsMetadata.from_dict(json.loads(entry.value))
+    raise WeightsError(f"{path}: an ONNX file without fcn metadata (not made by fcn-export)")
+
+
+def cached_export(weights: str | Path, cache: Path | None = None) -> Path:
+    """The ONNX export of ``weights``, made once per content hash and reused after."""
+    loaded = load_weights(weights, device="cpu")
+    path = (cache or cache_dir()) / "onnx" / f"{Path(weights).stem}-{loaded.meta.sha256[:16]}.onnx"
+    if path.is_file():
+        try:
+            if read_onnx_metadata(path).sha256 == loaded.meta.sha256:
+                return path
+        except Exception:  # protobuf's DecodeError, WeightsError, OSError: any unreadable file
+            pass  # a broken or foreign file under our name: export again over it
+    return export_onnx(loaded, path)
+
+
+def label_agreement(
+    onnx_path: str | Path, loaded: LoadedWeights, images: Sequence[np.ndarray]
+) -> float:
+    """Fraction of pixels whose ONNX Runtime label equals PyTorch's, over H x W x 3 images."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    equal = total = 0
+    model = loaded.model.eval().cpu()
+    for image in images:
+        x = loaded.meta.normalization(torch.from_numpy(image).permute(2, 0, 1)[None])
+        with torch.inference_mode():
+            ours = model(x).max(1).indices.numpy()
+        theirs = session.run([OUTPUT], {INPUT: x.numpy()})[0].argmax(1)
+        equal += int((ours == theirs).sum())
+        total += ours.size
+    return equal / total
+
+
+def read_photos(paths: Sequence[Path]) -> list[np.ndarray]:
+    from PIL import Image, ImageOps
+
+    photos = []
+    for p in paths:
+        with Image.open(p) as im:
+            photos.append(np.asarray(ImageOps.exif_transpose(im).convert("RGB")))
+    return photos
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fcn-export", description=__doc__)
+    p.add_argument("--weights", required=True, help="a .safetensors weights file")
+    p.add_argument("--output", type=Path, help="the .onnx file (default: the cache)")
+    p.add_argument(
+        "--check",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="PHOTO",
+        help="photos on which ONNX Runtime's labels must equal PyTorch's",
+    )
+    p.add_argument(
+        "--min-agreement", type=float, default=0.999, help="fail below this pixel agreement"
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.output:
+            loaded = load_weights(args.weights, device="cpu")
+            path = export_onnx(loaded, args.output)
+        else:
+            path = cached_export(args.weights)
+            loaded = load_weights(args.weights, device="cpu")
+    except (FileNotFoundError, WeightsError) as exc:
+        print(f"fcn-export: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{path} ({loaded.meta.arch}/{loaded.meta.backbone}, {loaded.meta.num_classes} classes)")
+    if args.check:
+        agreement = label_agreement(path, loaded, read_photos(args.check))
+        print(f"labels equal to PyTorch's on {agreement:.4%} of pixels ({len(args.check)} photos)")
+        if agreement < args.min_agreement:
+            print(f"fcn-export: below {args.min_agreement:.2%}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

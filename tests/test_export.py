@@ -1,0 +1,62 @@
+"""fcn-export: the shipped weights as ONNX, labels equal to PyTorch's on real photos of several
+sizes (dynamic batch, height and width), the metadata carried along, exports cached by hash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fcn_core import export
+from fcn_core.shipped import default_weights_dir
+from fcn_core.weights import load_weights, read_metadata
+from tests.conftest import DEMO_PHOTOS
+
+pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+pytest.importorskip("onnxscript", reason="the onnx extra is not installed")
+
+WEIGHTS = default_weights_dir() / "fcn8s-lite0-camvid.safetensors"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cache = tmp_path_factory.mktemp("cache")
+    return export.cached_export(WEIGHTS, cache)
+
+
+def test_onnx_labels_equal_pytorchs_on_photos_of_several_sizes(exported: Path) -> None:
+    photos = export.read_photos([DEMO_PHOTOS / n for n in ("dog.jpg", "eagle.jpg", "kite.jpg")])
+    photos.append(photos[0][:97, :131].copy())  # odd sizes: the graph pads to 32 itself
+    assert len({p.shape for p in photos}) == 4
+    agreement = export.label_agreement(exported, load_weights(WEIGHTS), photos)
+    assert agreement >= 0.999
+
+
+def test_the_export_carries_the_weights_metadata(exported: Path) -> None:
+    meta = export.read_onnx_metadata(exported)
+    original = read_metadata(WEIGHTS)
+    assert meta.sha256 == original.sha256
+    assert meta.class_names == original.class_names and meta.palette == original.palette
+    assert meta.normalization == original.normalization
+
+
+def test_exports_are_cached_by_content_hash(exported: Path) -> None:
+    cache = exported.parents[1]
+    before = exported.stat().st_mtime_ns
+    assert export.cached_export(WEIGHTS, cache) == exported
+    assert exported.stat().st_mtime_ns == before  # reused, not exported again
+    exported.write_bytes(b"not onnx")  # a broken file under our name is replaced
+    again = export.cached_export(WEIGHTS, cache)
+    assert (
+        again == exported
+        and export.read_onnx_metadata(again).sha256 == read_metadata(WEIGHTS).sha256
+    )
+
+
+def test_fcn_export_checks_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "m.onnx"
+    photo = str(DEMO_PHOTOS / "horses.jpg")
+    args = ["--weights", str(WEIGHTS), "--output", str(out), "--check", photo]
+    assert export.main(args) == 0
+    assert "labels equal to PyTorch's on 100" in capsys.readouterr().out
+    assert export.main(["--weights", str(tmp_path / "missing.safetensors")]) == 2
