@@ -16,6 +16,7 @@ schedule, evaluation on a labelled split, checkpoints, export) with two parts sw
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -164,6 +165,20 @@ class TeacherLabelledPhotos(Dataset):
                 f"the student {self.num_classes}"
             )
 
+    def class_presence(self, min_fraction: float = 0.02) -> np.ndarray:
+        """N x C: which classes the teacher sees on at least ``min_fraction`` of each photo
+        (read off its logit grid, inside the photo's part of the letterbox)."""
+        presence = np.zeros((len(self), self.num_classes), dtype=bool)
+        for i, photo in enumerate(self.photos):
+            labelled = load_logits(cache_path(self.cache_dir, self.root, photo))
+            grid = labelled.logits.shape[-1] - 1
+            stride = (labelled.input_size - 1) / grid
+            gh, gw = (math.ceil((n - 1) / stride) + 1 for n in labelled.placed_size)
+            labels = labelled.logits[:, :gh, :gw].astype(np.float32).argmax(0)
+            share = np.bincount(labels.ravel(), minlength=self.num_classes) / labels.size
+            presence[i] = share >= min_fraction
+        return presence
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         photo = self.photos[index]
         image = read_image(photo)
@@ -191,6 +206,23 @@ class TeacherLabelledPhotos(Dataset):
         if self.flip and torch.rand(()).item() < 0.5:
             view, logits = view.flip(-1), logits.flip(-1)
         return view, logits
+
+
+def repeat_factors(
+    presence: np.ndarray, threshold: float, ignore: Sequence[int] = (0,)
+) -> np.ndarray:
+    """Repeat-factor sampling (Gupta et al., LVIS, 2019): a class seen in a fraction ``f`` of
+    the photos gets ``r = max(1, sqrt(threshold / f))``, a photo the largest ``r`` of its
+    classes (``ignore``: background). Unlabelled photos skew hard towards a few classes (a
+    fifth of ImageNet's are dogs; 13 of 2,028 show an aeroplane), which a student then never
+    learns; this draws the rare ones more often without dropping any."""
+    counted = presence.copy()
+    counted[:, list(ignore)] = False
+    freq = counted.mean(0)
+    with np.errstate(divide="ignore"):
+        per_class = np.where(freq > 0, np.maximum(1.0, np.sqrt(threshold / freq)), 1.0)
+    factors = np.where(counted, per_class[None, :], 1.0).max(1)
+    return factors
 
 
 class DistillationLoss:

@@ -25,7 +25,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    WeightedRandomSampler,
+)
 
 from fcn_core.data import (
     SegmentationDataset,
@@ -39,10 +45,12 @@ from fcn_core.distill import (
     TeacherLabelledPhotos,
     find_photos,
     label_photos,
+    repeat_factors,
     teacher_cache_dir,
 )
 from fcn_core.engine import (
     Best,
+    Dist,
     RunLog,
     evaluate_sharded,
     hardware,
@@ -109,6 +117,29 @@ def build_datasets(cfg: TrainConfig) -> tuple[Dataset, SegmentationDataset | Syn
         ),
         val_ds,
     )
+
+
+def sampling_weights(cfg: TrainConfig, train_ds: Dataset, ctx: Dist) -> torch.Tensor | None:
+    """Per-photo draw weights for repeat-factor sampling, or None to draw uniformly."""
+    if cfg.repeat_threshold is None:
+        return None
+    if not isinstance(train_ds, TeacherLabelledPhotos):
+        raise ValueError("--repeat-threshold applies to a teacher's photos (--teacher)")
+    if ctx.world > 1:
+        raise ValueError("--repeat-threshold runs in one process (no DistributedSampler)")
+    factors = repeat_factors(train_ds.class_presence(), cfg.repeat_threshold)
+    if ctx.main:
+        print(f"repeat factors: mean {factors.mean():.2f}, max {factors.max():.2f}", flush=True)
+    return torch.as_tensor(factors, dtype=torch.double)
+
+
+def epoch_sampler(
+    train_ds: Dataset, weights: torch.Tensor | None, g: torch.Generator
+) -> RandomSampler | WeightedRandomSampler:
+    """An epoch's draw: a permutation, or as many weighted draws (with replacement)."""
+    if weights is None:
+        return RandomSampler(train_ds, generator=g)
+    return WeightedRandomSampler(weights, len(train_ds), replacement=True, generator=g)
 
 
 def build_criterion(
@@ -210,6 +241,7 @@ def train(cfg: TrainConfig) -> Path | None:
     num_classes = train_ds.num_classes
     normalization = default_normalization(cfg.backbone)
     criterion = build_criterion(cfg, train_ds, device)
+    weights = sampling_weights(cfg, train_ds, ctx)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     log = RunLog(cfg.out_dir, ctx.main, cfg.tensorboard)
     resume = torch.load(cfg.resume, map_location="cpu", weights_only=True) if cfg.resume else None
@@ -256,7 +288,7 @@ def train(cfg: TrainConfig) -> Path | None:
                 train_ds,
                 batch_size=cfg.batch_size,
                 num_workers=cfg.num_workers,
-                sampler=sampler or RandomSampler(train_ds, generator=g),
+                sampler=sampler or epoch_sampler(train_ds, weights, g),
                 generator=g,
                 collate_fn=pad_collate,
             )

@@ -110,6 +110,7 @@ class TrainConfig:
     kd_weight: float = 0.0
     temperature: float = 1.0
     kd_stride: int = 4
+    repeat_threshold: float | None = None
     teacher_note: str = ""
     also_eval: list[str] = field(default_factory=list)
     argv: list[str] = field(default_factory=list)
@@ -208,6 +209,12 @@ def parse_args(argv: Sequence[str] | None) -> TrainConfig:
         type=int,
         default=4,
         help="the soft loss compares k x k averages of both maps (the teacher's are stride 16)",
+    )
+    distil.add_argument(
+        "--repeat-threshold",
+        type=float,
+        help="repeat-factor sampling: photos of classes the teacher sees in fewer than this "
+        "fraction of the photos are drawn up to sqrt(threshold / fraction) times as often",
     )
     distil.add_argument(
         "--teacher-note", default="", help="said of the teacher in the metadata (its licence)"

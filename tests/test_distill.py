@@ -212,3 +212,19 @@ def test_fcn_eval_scores_a_teacher_with_our_metrics(tmp_path: Path) -> None:
     assert result["images"] == 7 and result["class_names"][15] == "person"
     # ESPNetv2 reaches 0.78-0.99 IU on these photos' main objects; the small DeepLab is close.
     assert result["mean_iu_present"] > 0.5
+
+
+def test_repeat_factors_draw_rare_classes_more_often() -> None:
+    from fcn_core.distill import repeat_factors
+
+    # 100 photos: class 1 in 50, class 2 in 4, class 3 in none; background (0) everywhere.
+    presence = np.zeros((100, 4), dtype=bool)
+    presence[:, 0] = True
+    presence[:50, 1] = True
+    presence[50:54, 2] = True
+    factors = repeat_factors(presence, threshold=0.16)
+    assert factors[:50] == pytest.approx(1.0)  # common: f = 0.5 >= threshold
+    assert factors[50:54] == pytest.approx(2.0)  # sqrt(0.16 / 0.04)
+    assert factors[54:] == pytest.approx(1.0)  # background only: never below 1
+    presence[0, 2] = True  # a photo with a common and a rare class takes the larger factor
+    assert repeat_factors(presence, threshold=0.16)[0] == pytest.approx((0.16 / 0.05) ** 0.5)
