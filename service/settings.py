@@ -37,7 +37,8 @@ class Settings(BaseSettings):
         "install carries them), by file name.",
     )
     device: str = Field(
-        INFERENCE.device, description="`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."
+        INFERENCE.device,
+        description="`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`.",
     )
     precision: Precision = Field(
         INFERENCE.precision,
@@ -62,7 +63,9 @@ class Settings(BaseSettings):
         "queue (time spent behind a running batch counts).",
     )
     max_queue_size: int = Field(
-        QUEUE.max_queue_size, ge=1, description="Queued images; beyond it requests get 503 with Retry-After."
+        QUEUE.max_queue_size,
+        ge=1,
+        description="Queued images; beyond it requests get 503 with Retry-After.",
     )
     request_timeout_s: float = Field(
         30.0,

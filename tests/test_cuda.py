@@ -108,9 +108,7 @@ def test_nvjpeg_decodes_close_to_pillow_and_isolates_a_broken_file() -> None:
 
 def test_cuda_graphs_replay_the_eager_labels(shipped: LoadedWeights) -> None:
     eager = cuda_runner(shipped)
-    graphs = cuda_runner(
-        shipped, compile=True, compile_mode="reduce-overhead", max_batch_size=4
-    )
+    graphs = cuda_runner(shipped, compile=True, compile_mode="reduce-overhead", max_batch_size=4)
     graphs.warmup([(360, 480)])  # batch sizes 1, 2 and 4
     images = frames(6)
     want = [eager.predict([im]).labels[0] for im in images]

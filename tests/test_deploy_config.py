@@ -171,9 +171,9 @@ def test_dockerfile_copies_what_it_needs_and_nothing_is_ignored_away() -> None:
 
     copies = [rest.split() for word, rest in dockerfile_instructions() if word == "COPY"]
     sources = [src for *srcs, _dest in copies for src in srcs if not src.startswith("--")]
-    assert any(
-        (REPO / DEFAULT_WEIGHTS).is_relative_to(REPO / src) for src in sources
-    ), "the image must carry the default weights"
+    assert any((REPO / DEFAULT_WEIGHTS).is_relative_to(REPO / src) for src in sources), (
+        "the image must carry the default weights"
+    )
     for src in sources:
         path = REPO / src
         assert path.exists(), f"Dockerfile copies {src}, which is not in the repository"
