@@ -109,7 +109,11 @@ def load_model(args: argparse.Namespace) -> LoadedWeights:
 
     teacher = TFLiteTeacher(args.teacher)
     classes = build_dataset(
-        args.dataset, args.data_root, args.split, num_classes=teacher.num_classes
+        args.dataset,
+        args.data_root,
+        args.split,
+        num_classes=teacher.num_classes,
+        class_names=CLASS_NAMES[args.classes] if args.classes else None,
     )
     meta = WeightsMetadata(
         arch="teacher",
