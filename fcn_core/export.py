@@ -106,7 +106,7 @@ def read_photos(paths: Sequence[Path]) -> list[np.ndarray]:
     photos = []
     for p in paths:
         with Image.open(p) as im:
-            photos.append(np.asarray(ImageOps.exif_transpose(im).convert("RGB")))
+            photos.append(np.array(ImageOps.exif_transpose(im).convert("RGB")))
     return photos
 
 
