@@ -68,9 +68,12 @@ def read_onnx_metadata(path: str | Path) -> WeightsMetadata:
     raise WeightsError(f"{path}: an ONNX file without fcn metadata (not made by fcn-export)")
 
 
-def cached_export(weights: str | Path, cache: Path | None = None) -> Path:
-    """The ONNX export of ``weights``, made once per content hash and reused after."""
-    loaded = load_weights(weights, device="cpu")
+def cached_export(
+    weights: str | Path, cache: Path | None = None, loaded: LoadedWeights | None = None
+) -> Path:
+    """The ONNX export of ``weights`` (``loaded``: the file already loaded), made once per
+    content hash and reused after."""
+    loaded = loaded or load_weights(weights, device="cpu")
     path = (cache or cache_dir()) / "onnx" / f"{Path(weights).stem}-{loaded.meta.sha256[:16]}.onnx"
     if path.is_file():
         try:
@@ -131,12 +134,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        loaded = load_weights(args.weights, device="cpu")
         if args.output:
-            loaded = load_weights(args.weights, device="cpu")
             path = export_onnx(loaded, args.output)
         else:
-            path = cached_export(args.weights)
-            loaded = load_weights(args.weights, device="cpu")
+            path = cached_export(args.weights, loaded=loaded)
     except (FileNotFoundError, WeightsError) as exc:
         print(f"fcn-export: error: {exc}", file=sys.stderr)
         return 2

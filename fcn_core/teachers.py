@@ -47,14 +47,12 @@ class TeacherLogits:
         for ``h``-long ``ys`` and ``w``-long ``xs``; NaN outside the photo."""
         h, w = self.image_size
         ph, pw = self.placed_size
-        grid_cells = self.logits.shape[-1] - 1
         # photo -> letterbox pixel centres -> the logit grid, align_corners style
         u = ys * (ph / h) - 0.5
         v = xs * (pw / w) - 0.5
         gy = (u / (self.input_size - 1)) * 2 - 1
         gx = (v / (self.input_size - 1)) * 2 - 1
         grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None]
-        assert grid_cells > 0
         src = torch.from_numpy(self.logits.astype(np.float32))[None]
         out = F.grid_sample(src, grid.float(), mode="bilinear", align_corners=True)[0]
         outside = (ys < 0) | (ys >= h)

@@ -80,8 +80,11 @@ def stage_lr(cfg: TrainConfig, arch: str) -> float:
     return PAPER_LR[arch]
 
 
-def build_datasets(cfg: TrainConfig) -> tuple[Dataset, SegmentationDataset | SyntheticScenes]:
-    """The training set (labelled, or photos labelled by the teacher) and the validation set."""
+def build_datasets(
+    cfg: TrainConfig, ctx: Dist
+) -> tuple[Dataset, SegmentationDataset | SyntheticScenes]:
+    """The training set (labelled, or photos labelled by the teacher) and the validation set.
+    With a teacher, the main process labels the photos not yet in the cache, first."""
     val_ds = build_dataset(
         cfg.dataset,
         cfg.data_root,
@@ -104,6 +107,10 @@ def build_datasets(cfg: TrainConfig) -> tuple[Dataset, SegmentationDataset | Syn
         raise ValueError("--teacher needs --photos: a folder of unlabelled photos")
     photos = find_photos(cfg.photos)
     cache = teacher_cache_dir(cfg.teacher_cache or cfg.out_dir / "teacher", cfg.teacher)
+    if ctx.main:
+        label_photos(cfg.teacher, cfg.photos, photos, cache, cfg.teacher_processes)
+    if ctx.world > 1:
+        dist.barrier()  # the teacher's labels are on disk before anyone reads them
     return (
         TeacherLabelledPhotos(
             cfg.photos,
@@ -228,13 +235,7 @@ def export_weights(
 
 def train(cfg: TrainConfig) -> Path | None:
     ctx, device = setup_distributed(cfg.device)
-    if cfg.teacher is not None and ctx.main:
-        photos = find_photos(cfg.photos) if cfg.photos else []
-        cache = teacher_cache_dir(cfg.teacher_cache or cfg.out_dir / "teacher", cfg.teacher)
-        label_photos(cfg.teacher, cfg.photos, photos, cache, cfg.teacher_processes)
-    if ctx.world > 1:
-        dist.barrier()  # the teacher's labels are on disk before anyone reads them
-    train_ds, val_ds = build_datasets(cfg)
+    train_ds, val_ds = build_datasets(cfg, ctx)
     if ctx.main:
         train_ds.validate()
         val_ds.validate()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,6 +22,8 @@ from service.batcher import QueuePolicy
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = Path("weights") / DEFAULT_WEIGHTS_NAME
 
+
+T = TypeVar("T")
 
 INFERENCE = InferenceConfig()
 QUEUE = QueuePolicy()
@@ -206,14 +209,14 @@ class Settings(BaseSettings):
 
     def inference(self) -> InferenceConfig:
         """How to run the model: the fields the inference core shares with --local and bulk."""
-        return InferenceConfig(
-            **{f.name: getattr(self, f.name) for f in dataclasses.fields(InferenceConfig)}
-        )
+        return self._config(InferenceConfig)
 
     def queue_policy(self) -> QueuePolicy:
-        return QueuePolicy(
-            **{f.name: getattr(self, f.name) for f in dataclasses.fields(QueuePolicy)}
-        )
+        return self._config(QueuePolicy)
+
+    def _config(self, cls: type[T]) -> T:
+        """A component's frozen config dataclass, its fields read from these settings."""
+        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
 
     def resolved_codec_threads(self) -> int:
         return self.codec_threads or min(4, os.cpu_count() or 1)
