@@ -135,7 +135,9 @@ class LocalBackend:
     def __init__(self, settings: Settings, loaded: LoadedWeights) -> None:
         self.settings = settings
         self.meta = loaded.meta
-        self.segmenter = Segmenter(loaded.model, loaded.meta.normalization, settings.inference())
+        self.segmenter = Segmenter(
+            loaded.model, loaded.meta.normalization, settings.inference(), loaded.meta
+        )
         self.segmenter.meta = loaded.meta
         self._render = server_render()
         self._codecs = ThreadPoolExecutor(

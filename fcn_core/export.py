@@ -8,8 +8,9 @@ by what the runtime computes. The weights' metadata (classes, palette, normalisa
 hash, the command that made them) travels in the ONNX file's ``metadata_props`` under ``fcn``.
 
 Exports are cached by the weights' content hash (``FCN_CACHE_DIR``, else
-``~/.cache/fcn-serve``), so a service exports once per weights file, not at every start.
-Needs the ``onnx`` extra (onnx, onnxscript, onnxruntime for the check).
+``~/.cache/fcn-serve``), so a service exports once per weights file, not at every start;
+``fcn-export`` fills the same cache (a Docker image can export at build time).
+Needs onnx, onnxscript and onnxruntime (dependencies of fcn-serve: the CPU's backend).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ METADATA_KEY = "fcn"
 INPUT, OUTPUT = "input", "logits"
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("FCN_CACHE_DIR", Path.home() / ".cache" / "fcn-serve"))
+def cache_dir(configured: str | Path | None = None) -> Path:
+    """The export cache: ``configured`` (the service's ``FCN_CACHE_DIR``), else
+    ``~/.cache/fcn-serve``."""
+    return Path(configured) if configured else Path.home() / ".cache" / "fcn-serve"
 
 
 def export_onnx(loaded: LoadedWeights, path: str | Path) -> Path:
@@ -68,16 +71,15 @@ def read_onnx_metadata(path: str | Path) -> WeightsMetadata:
     raise WeightsError(f"{path}: an ONNX file without fcn metadata (not made by fcn-export)")
 
 
-def cached_export(
-    weights: str | Path, cache: Path | None = None, loaded: LoadedWeights | None = None
-) -> Path:
-    """The ONNX export of ``weights`` (``loaded``: the file already loaded), made once per
-    content hash and reused after."""
-    loaded = loaded or load_weights(weights, device="cpu")
-    path = (cache or cache_dir()) / "onnx" / f"{Path(weights).stem}-{loaded.meta.sha256[:16]}.onnx"
+def cached_export(loaded: LoadedWeights, cache: str | Path | None = None) -> Path:
+    """The ONNX export of ``loaded``, made once per content hash and reused after; the file is
+    named by the network and the hash alone, so every tool that exports shares it."""
+    meta = loaded.meta
+    name = f"{meta.arch}-{meta.backbone}-{meta.sha256[:16]}.onnx"
+    path = cache_dir(cache) / "onnx" / name
     if path.is_file():
         try:
-            if read_onnx_metadata(path).sha256 == loaded.meta.sha256:
+            if read_onnx_metadata(path).sha256 == meta.sha256:
                 return path
         except Exception:  # protobuf's DecodeError, WeightsError, OSError: any unreadable file
             pass  # a broken or foreign file under our name: export again over it
@@ -138,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.output:
             path = export_onnx(loaded, args.output)
         else:
-            path = cached_export(args.weights, loaded=loaded)
+            path = cached_export(loaded, os.environ.get("FCN_CACHE_DIR"))
     except (FileNotFoundError, WeightsError) as exc:
         print(f"fcn-export: error: {exc}", file=sys.stderr)
         return 2

@@ -8,8 +8,10 @@ Everything that runs the model on images shares this module: the server's runner
   ``0 = automatic`` into numbers for a device;
 - size buckets (:func:`bucket_of`), batch capacity under a pixel budget and the batching of a
   known set of images (:func:`plan_batches`);
-- :class:`Predictor`: the model on its device, eager or compiled, channels-last, autocast,
-  one image per CPU thread; padding zeroed after normalisation, argmax on the device;
+- :class:`Predictor`: the model on its device through a backend (``fcn_core.backends``:
+  PyTorch eager or compiled, ONNX Runtime, OpenVINO), channels-last, autocast; on the CPU a
+  batch's images run one per thread and an image alone gets every core; padding zeroed after
+  normalisation, argmax on the device;
 - :class:`Segmenter`: the above end to end for callers that hold the images (no server).
 
 The server wraps a :class:`Predictor` with what only a server needs: reused pinned staging
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fcn_core.backends import BackendName, Network, build_network, choose_backend
 from fcn_core.preprocess import Normalization
 from fcn_core.weights import WeightsMetadata, load_weights
 
@@ -77,6 +80,8 @@ class InferenceConfig:
     """
 
     device: str = "auto"
+    backend: BackendName = "auto"
+    cache_dir: str = ""  # where exports are cached ("": fcn_core.export.cache_dir's default)
     precision: Precision = "fp32"
     bucket_multiple: int = 32
     max_batch_size: int = 0
@@ -101,12 +106,13 @@ class InferenceConfig:
             return self.max_batch_size
         return DEFAULT_GPU_BATCH if device_type != "cpu" else self.cpu_workers_for(device_type)
 
-    def torch_threads_for(self, device_type: str) -> int:
-        """Threads to set, or 0 to leave torch's default: one per worker when the CPU runs
-        several, since intra-op threads on top of them only contend."""
-        if self.torch_threads:
-            return self.torch_threads
-        return 1 if self.cpu_workers_for(device_type) > 1 else 0
+    def threads_for(self, device_type: str, alone: bool) -> int:
+        """Intra-op threads of one CPU forward pass: one on a pool worker (the batch's other
+        images run beside it; more threads would only contend), every usable core for a pass
+        run alone, so that a lone request is not left on one core (0 off the CPU)."""
+        if device_type != "cpu":
+            return 0
+        return self.torch_threads or (usable_cores() if alone else 1)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -118,8 +124,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def effective_precision(device: torch.device, precision: str) -> str:
-    """Autocast only on CUDA: bf16/fp16 on the CPU is slower and not what was validated."""
+def effective_precision(device: torch.device, precision: str, backend: str = "torch") -> str:
+    """Autocast only on CUDA: bf16/fp16 on the CPU is slower and not what was validated.
+    OpenVINO is the exception: it runs the reduced precision asked for, on its own CPU kernels."""
+    if backend == "openvino" and precision in ("fp32", "bf16"):
+        return precision
     if device.type != "cuda" and precision != "fp32":
         log.warning("precision %s applies on CUDA only; the CPU runs fp32", precision)
         return "fp32"
@@ -187,8 +196,9 @@ class Predictor:
     """The model on its device: a padded uint8 batch in, uint8 label maps out.
 
     Any ``nn.Module`` that maps a normalised N x 3 x H x W float batch to N x C x H x W logits
-    can be served. Only uint8 images go to the device and only uint8 label maps come back:
-    logits never leave it.
+    can be served on torch; the ONNX backends also need the weights' ``meta`` (they export
+    the module, cached by its content hash). Only uint8 images go to the device and only
+    uint8 label maps come back: logits never leave it.
     """
 
     def __init__(
@@ -197,36 +207,52 @@ class Predictor:
         normalization: Normalization | Callable[[torch.Tensor], torch.Tensor],
         config: InferenceConfig = InferenceConfig(),
         device: torch.device | None = None,
+        meta: WeightsMetadata | None = None,
     ) -> None:
         self.config = config
         self.device = device or resolve_device(config.device)
-        if threads := config.torch_threads_for(self.device.type):
-            torch.set_num_threads(threads)
-        self.precision = effective_precision(self.device, config.precision)
+        self.backend = choose_backend(config.backend, self.device, meta)
+        self.precision = effective_precision(self.device, config.precision, self.backend)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = config.cudnn_benchmark
+        torch_backend = self.backend == "torch"
+        if not torch_backend and (config.compile or config.channels_last):
+            log.warning("compile and channels_last apply to the torch backend only")
         self._memory_format = (
-            torch.channels_last if config.channels_last else torch.contiguous_format
+            torch.channels_last
+            if config.channels_last and torch_backend
+            else torch.contiguous_format
         )
         self.model = model.to(self.device, memory_format=self._memory_format).eval()
-        self._net = (
+        self.compiled = torch_backend and config.compile
+        self._net: Network = build_network(
+            self.backend,
             torch.compile(self.model, dynamic=False, mode=config.compile_mode)
-            if config.compile
-            else self.model
+            if self.compiled
+            else self.model,
+            meta,
+            self.device,
+            workers=config.cpu_workers_for(self.device.type),
+            cores=config.threads_for(self.device.type, alone=True),
+            precision=self.precision,
+            cache=config.cache_dir or None,
         )
         # CUDA graphs (reduce-overhead, max-autotune) record one graph per shape, on the
         # second call or so, and replay it from the third: warm-up runs every shape thrice.
-        self.warmup_runs = 3 if config.compile and config.compile_mode in CUDA_GRAPH_MODES else 1
+        self.warmup_runs = 3 if self.compiled and config.compile_mode in CUDA_GRAPH_MODES else 1
         self._warmed_batch_sizes: dict[tuple[int, int], list[int]] = {}
         self.normalization = normalization
         self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         workers = config.cpu_workers_for(self.device.type)
-        # CPU: one image per thread scales better than batching or intra-op threads.
+        # CPU: one image per thread scales better than batching or intra-op threads; an image
+        # run alone (a batch of one) takes every core instead.
         self._pool = (
             ThreadPoolExecutor(workers, thread_name_prefix="fcn-cpu")
             if self.device.type == "cpu" and workers > 1
             else None
         )
+        self._pool_threads = config.threads_for(self.device.type, alone=False)
+        self._alone_threads = config.threads_for(self.device.type, alone=True)
 
     @property
     def bucket_multiple(self) -> int:
@@ -242,7 +268,7 @@ class Predictor:
         """Rows to run for ``images`` of ``bucket``: compiled models round up to a warmed-up
         batch size (the extra rows are discarded), so serving never meets a shape that would
         compile or record a graph."""
-        if not self.config.compile:
+        if not self.compiled:
             return images
         warmed = self._warmed_batch_sizes.get(bucket, [])
         return next((n for n in warmed if n >= images), images)
@@ -260,14 +286,15 @@ class Predictor:
         the first ``images`` rows (not the rows a compiled batch adds) run one per thread."""
         n = x.shape[0] if images is None else images
         if self._pool is not None and n > 1:
-            return torch.cat(list(self._pool.map(self._labels, x[:n].split(1))))
-        return self._labels(x)
+            rows = x[:n].split(1)
+            return torch.cat(list(self._pool.map(self._labels, rows, [self._pool_threads] * n)))
+        return self._labels(x, self._alone_threads)
 
-    def _labels(self, x: torch.Tensor) -> torch.Tensor:
+    def _labels(self, x: torch.Tensor, threads: int) -> torch.Tensor:
         """grad and autocast modes are per thread, hence set here, in the thread that runs."""
         x = x.contiguous(memory_format=self._memory_format)
         with torch.inference_mode(), self._autocast():
-            logits = self._net(x)
+            logits = self._net(x, threads)
         if logits.shape[0] != x.shape[0] or logits.shape[-2:] != x.shape[-2:]:
             raise RuntimeError(
                 f"model returned {tuple(logits.shape)} for input {tuple(x.shape)}; "
@@ -280,7 +307,7 @@ class Predictor:
         return logits.max(1).indices.to(torch.uint8)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self._dtype is None:
+        if self._dtype is None or self.backend != "torch":
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self._dtype)
 
@@ -297,7 +324,7 @@ class Predictor:
         plan = {}
         for h, w in sizes:
             full = self.capacity(bucket_of(h, w, self.bucket_multiple))
-            plan[(h, w)] = compiled_batch_sizes(full) if self.config.compile else [1, full]
+            plan[(h, w)] = compiled_batch_sizes(full) if self.compiled else [1, full]
         return plan
 
     def warmup(
@@ -308,7 +335,7 @@ class Predictor:
         """Call ``run`` on blank batches of every (height, width) -> batch sizes, so the first
         real images meet no cold start. Compiled, these are then the only batch sizes run for
         that bucket, and the compiler's shape cache is made to hold them all."""
-        if self.config.compile:
+        if self.compiled:
             allow_recompiles(sum(len(set(s)) for s in plan.values()) + 8)
         for (h, w), batch_sizes in plan.items():
             bucket = bucket_of(h, w, self.bucket_multiple)
@@ -333,10 +360,11 @@ class Segmenter:
         model: nn.Module,
         normalization: Normalization | Callable[[torch.Tensor], torch.Tensor],
         config: InferenceConfig = InferenceConfig(),
+        meta: WeightsMetadata | None = None,
     ) -> None:
-        self.predictor = Predictor(model, normalization, config)
-        self.meta: WeightsMetadata | None = None
-        """The weights' metadata, when built ``from_weights``."""
+        self.predictor = Predictor(model, normalization, config, meta=meta)
+        self.meta = meta
+        """The weights' metadata (needed by the ONNX backends; set ``from_weights``)."""
 
     @classmethod
     def from_weights(
@@ -345,9 +373,7 @@ class Segmenter:
         config: InferenceConfig = InferenceConfig(),
     ) -> Segmenter:
         loaded = load_weights(path, device="cpu")
-        segmenter = cls(loaded.model, loaded.meta.normalization, config)
-        segmenter.meta = loaded.meta
-        return segmenter
+        return cls(loaded.model, loaded.meta.normalization, config, loaded.meta)
 
     def predict_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """H x W x 3 uint8 images (any sizes; one bucket is fastest) -> their label maps."""

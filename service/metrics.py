@@ -88,15 +88,21 @@ class Metrics:
         self.model_info = Gauge(
             "fcn_model_info",
             "The served model (value 1).",
-            ["arch", "backbone", "weights_hash", "device", "precision"],
+            ["arch", "backbone", "weights_hash", "device", "precision", "backend"],
             registry=r,
         )
         self.gpu_memory: Gauge | None = None
 
     def set_model(
-        self, arch: str, backbone: str, weights_hash: str, device: str, precision: str
+        self,
+        arch: str,
+        backbone: str,
+        weights_hash: str,
+        device: str,
+        precision: str,
+        backend: str,
     ) -> None:
-        self.model_info.labels(arch, backbone, weights_hash, device, precision).set(1)
+        self.model_info.labels(arch, backbone, weights_hash, device, precision, backend).set(1)
 
     def watch_gpu_memory(
         self, allocated: Callable[[], float], reserved: Callable[[], float]

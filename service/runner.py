@@ -22,6 +22,7 @@ from torch import nn
 
 from fcn_core.inference import InferenceConfig, Predictor, bucket_of, crop, pad_into
 from fcn_core.preprocess import Normalization
+from fcn_core.weights import WeightsMetadata
 from service.codecs import EncodedJpeg
 from service.device_jpeg import decode_on_device
 from service.staging import HostBuffers
@@ -88,8 +89,9 @@ class Runner:
         normalization: Normalization | Callable[[torch.Tensor], torch.Tensor],
         config: InferenceConfig,
         on_oom_split: Callable[[], None] | None = None,
+        meta: WeightsMetadata | None = None,
     ) -> None:
-        self.predictor = Predictor(model, normalization, config)
+        self.predictor = Predictor(model, normalization, config, meta=meta)
         self.device = self.predictor.device
         self.precision = self.predictor.precision
         self.on_oom_split = on_oom_split

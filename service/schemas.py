@@ -67,12 +67,14 @@ class ModelInfo(BaseModel):
     format_version: int
     device: str
     precision: str
+    backend: str = Field(description="what runs the network: torch, onnxruntime or openvino")
 
     @classmethod
-    def of(cls, meta: WeightsMetadata, device: str, precision: str) -> ModelInfo:
+    def of(cls, meta: WeightsMetadata, device: str, precision: str, backend: str) -> ModelInfo:
         # From the metadata's own dict, so no field is copied by hand; keys the schema does
         # not list (at_once, future ones) are ignored rather than served by accident.
-        return cls.model_validate({**meta.to_dict(), "device": device, "precision": precision})
+        served = {"device": device, "precision": precision, "backend": backend}
+        return cls.model_validate({**meta.to_dict(), **served})
 
 
 class Health(BaseModel):

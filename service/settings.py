@@ -15,6 +15,7 @@ from typing import TypeVar
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fcn_core.backends import BackendName
 from fcn_core.inference import CompileMode, InferenceConfig, Precision
 from fcn_core.shipped import DEFAULT_WEIGHTS_NAME, default_weights_dir
 from service.batcher import QueuePolicy
@@ -43,9 +44,21 @@ class Settings(BaseSettings):
         INFERENCE.device,
         description="`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`.",
     )
+    backend: BackendName = Field(
+        INFERENCE.backend,
+        description="What runs the network: `torch`, `onnxruntime` or `openvino` (the ONNX "
+        "ones on the CPU, from an export cached under `FCN_CACHE_DIR`), or `auto`: the "
+        "fastest installed one for the device, from `fcn-bench` (see the README).",
+    )
+    cache_dir: str = Field(
+        INFERENCE.cache_dir,
+        description="Where exports of the weights are cached, by content hash "
+        "(empty: `~/.cache/fcn-serve`); `fcn-export` fills the same cache.",
+    )
     precision: Precision = Field(
         INFERENCE.precision,
-        description="Autocast precision on CUDA (`bf16`/`fp16`); the CPU always runs fp32.",
+        description="Autocast precision on CUDA (`bf16`/`fp16`); the CPU runs fp32, except "
+        "OpenVINO, which runs `bf16` when asked (it changes a few labels: measure first).",
     )
     max_batch_size: int = Field(
         INFERENCE.max_batch_size,
@@ -112,8 +125,9 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         INFERENCE.torch_threads,
         ge=0,
-        description="CPU threads for torch (0: one per worker when the CPU runs several "
-        "workers, else torch's default).",
+        description="Intra-op threads of one CPU forward pass, any backend (0: one on each "
+        "worker when a batch's images run in parallel, every usable core for an image run "
+        "alone).",
     )
     channels_last: bool = Field(
         INFERENCE.channels_last,
@@ -208,8 +222,10 @@ class Settings(BaseSettings):
         return path
 
     def inference(self) -> InferenceConfig:
-        """How to run the model: the fields the inference core shares with --local and bulk."""
-        return self._config(InferenceConfig)
+        """How to run the model: the fields the inference core shares with --local and bulk.
+        The trivial model measures the service's own overhead, so it always runs on torch."""
+        config = self._config(InferenceConfig)
+        return dataclasses.replace(config, backend="torch") if self.trivial_model else config
 
     def queue_policy(self) -> QueuePolicy:
         return self._config(QueuePolicy)

@@ -57,6 +57,10 @@ class ServiceState:
     def precision(self) -> str:
         return self.runner.precision if self.runner else self.settings.precision
 
+    @property
+    def backend(self) -> str:
+        return self.runner.predictor.backend if self.runner else self.settings.backend
+
     def start(self) -> None:
         """Blocking: load, warm up, start the worker, report ready."""
         s = self.settings
@@ -65,12 +69,21 @@ class ServiceState:
             self._model, self.meta = loaded.model, loaded.meta
         assert self.meta is not None
         self.runner = Runner(
-            self._model, self.meta.normalization, s.inference(), self.metrics.oom_splits.inc
+            self._model,
+            self.meta.normalization,
+            s.inference(),
+            self.metrics.oom_splits.inc,
+            meta=self.meta,
         )
         self.batcher = DynamicBatcher.from_settings(s, self.runner, self.metrics)
         device = self.runner.device
         self.metrics.set_model(
-            self.meta.arch, self.meta.backbone, self.meta.sha256, str(device), self.precision
+            self.meta.arch,
+            self.meta.backbone,
+            self.meta.sha256,
+            str(device),
+            self.precision,
+            self.backend,
         )
         if device.type == "cuda":
             self.metrics.watch_gpu_memory(
@@ -85,11 +98,12 @@ class ServiceState:
         self.ready = True
         self.not_ready_reason = ""
         log.info(
-            "serving %s/%s (%s) on %s, %s",
+            "serving %s/%s (%s) on %s with %s, %s",
             self.meta.arch,
             self.meta.backbone,
             self.meta.sha256[:12],
             device,
+            self.backend,
             self.precision,
         )
 

@@ -250,7 +250,7 @@ async def test_model_info_serves_evaluations_and_teacher(
 
 def test_model_info_lists_every_served_metadata_field() -> None:
     served = {f.name for f in dataclasses.fields(WeightsMetadata)} - {"at_once"}
-    assert served | {"num_classes", "device", "precision"} == set(ModelInfo.model_fields)
+    assert served | {"num_classes", "device", "precision", "backend"} == set(ModelInfo.model_fields)
 
 
 async def test_readiness_health_and_metrics(client: httpx.AsyncClient) -> None:
@@ -269,4 +269,4 @@ async def test_readiness_health_and_metrics(client: httpx.AsyncClient) -> None:
         ("fcn_batch_size_count", {}),
     ):
         assert metric(after, name, **labels) - metric(before, name, **labels) == 1, name
-    assert metric(after, "fcn_model_info", arch="fcn8s", device="cpu") == 1
+    assert metric(after, "fcn_model_info", arch="fcn8s", device="cpu", backend="torch") == 1

@@ -39,12 +39,14 @@ from tests.test_client import camvid_frames, rgb
 
 @pytest.fixture
 def local_env(monkeypatch: pytest.MonkeyPatch, service_weights: Path) -> Iterator[None]:
-    """No inherited FCN_* settings; the test weights; no warm-up unless a test asks for it.
-    Torch's thread count is process-wide, so it is put back afterwards."""
+    """No inherited FCN_* settings; the test weights; no warm-up unless a test asks for it;
+    torch, whose labels the references are (the backends have tests of their own). The torch
+    backend sets the calling thread's thread count, so it is put back afterwards."""
     for name in [n for n in os.environ if n.startswith("FCN_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("FCN_WEIGHTS", str(service_weights))
     monkeypatch.setenv("FCN_WARMUP", "false")
+    monkeypatch.setenv("FCN_BACKEND", "torch")
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
@@ -83,9 +85,19 @@ Check = Callable[[LocalBackend], bool]
 # what must then be true of the backend (and false without it).
 SETTINGS: list[tuple[str, dict[str, str], Check]] = [
     ("device", {"FCN_DEVICE": "cpu"}, lambda b: predictor(b).config.device == "cpu"),
+    ("backend", {"FCN_BACKEND": "onnxruntime"}, lambda b: predictor(b).backend == "onnxruntime"),
+    (
+        "cache_dir",
+        {"FCN_CACHE_DIR": "/tmp/fcn-cache"},
+        lambda b: predictor(b).config.cache_dir == "/tmp/fcn-cache",
+    ),
     ("precision", {"FCN_PRECISION": "bf16"}, lambda b: predictor(b).config.precision == "bf16"),
     ("channels_last", {"FCN_CHANNELS_LAST": "true"}, is_channels_last),
-    ("compile", {"FCN_COMPILE": "true"}, lambda b: predictor(b)._net is not predictor(b).model),
+    (
+        "compile",
+        {"FCN_COMPILE": "true"},
+        lambda b: predictor(b)._net.module is not predictor(b).model,
+    ),
     (
         "compile_mode",
         {"FCN_COMPILE": "true", "FCN_COMPILE_MODE": "max-autotune-no-cudagraphs"},
@@ -96,7 +108,11 @@ SETTINGS: list[tuple[str, dict[str, str], Check]] = [
         {"FCN_CPU_WORKERS": "5"},
         lambda b: getattr(predictor(b)._pool, "_max_workers", 1) == 5,
     ),
-    ("torch_threads", {"FCN_TORCH_THREADS": "3"}, lambda b: torch.get_num_threads() == 3),
+    (
+        "torch_threads",
+        {"FCN_TORCH_THREADS": "3"},
+        lambda b: predictor(b)._pool_threads == predictor(b)._alone_threads == 3,
+    ),
     (
         "max_batch_size",
         {"FCN_MAX_BATCH_SIZE": "7"},

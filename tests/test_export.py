@@ -21,7 +21,7 @@ WEIGHTS = default_weights_dir() / "fcn8s-lite0-camvid.safetensors"
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("cache")
-    return export.cached_export(WEIGHTS, cache)
+    return export.cached_export(load_weights(WEIGHTS), cache)
 
 
 def test_onnx_labels_equal_pytorchs_on_photos_of_several_sizes(exported: Path) -> None:
@@ -43,10 +43,10 @@ def test_the_export_carries_the_weights_metadata(exported: Path) -> None:
 def test_exports_are_cached_by_content_hash(exported: Path) -> None:
     cache = exported.parents[1]
     before = exported.stat().st_mtime_ns
-    assert export.cached_export(WEIGHTS, cache) == exported
+    assert export.cached_export(load_weights(WEIGHTS), cache) == exported
     assert exported.stat().st_mtime_ns == before  # reused, not exported again
     exported.write_bytes(b"not onnx")  # a broken file under our name is replaced
-    again = export.cached_export(WEIGHTS, cache)
+    again = export.cached_export(load_weights(WEIGHTS), cache)
     assert (
         again == exported
         and export.read_onnx_metadata(again).sha256 == read_metadata(WEIGHTS).sha256

@@ -28,12 +28,13 @@ def test_automatic_counts_follow_the_device() -> None:
     assert (auto.cpu_workers_for("cpu"), auto.cpu_workers_for("cuda")) == (cores, 1)
     assert auto.max_batch_size_for("cpu") == cores  # a batch = one image per worker
     assert auto.max_batch_size_for("cuda") == 8
-    assert auto.torch_threads_for("cuda") == 0  # torch's default
-    assert auto.torch_threads_for("cpu") == (1 if cores > 1 else 0)
+    assert auto.threads_for("cuda", alone=True) == 0  # not ours to set
+    assert auto.threads_for("cpu", alone=False) == 1  # a pool worker: one image on one core
+    assert auto.threads_for("cpu", alone=True) == cores  # a lone image takes every core
     chosen = InferenceConfig(cpu_workers=3, max_batch_size=5, torch_threads=2)
     assert chosen.cpu_workers_for("cpu") == 3
     assert chosen.max_batch_size_for("cuda") == chosen.max_batch_size_for("cpu") == 5
-    assert chosen.torch_threads_for("cpu") == 2
+    assert chosen.threads_for("cpu", alone=False) == chosen.threads_for("cpu", alone=True) == 2
 
 
 def test_usable_cores_honour_a_cgroup_cpu_quota(tmp_path: Path) -> None:

@@ -261,7 +261,7 @@ def test_model_info(live: LiveServer, reference: LoadedWeights) -> None:
     assert body["palette"] == meta.palette
     assert body["num_classes"] == 11
     assert body["normalization"] == {"mean": [0.5] * 3, "std": [0.5] * 3, "channel_order": "RGB"}
-    assert (body["device"], body["precision"]) == ("cpu", "fp32")
+    assert (body["device"], body["precision"], body["backend"]) == ("cpu", "fp32", "torch")
     info = live.metric(
         "fcn_model_info",
         arch="fcn8s",
@@ -269,6 +269,7 @@ def test_model_info(live: LiveServer, reference: LoadedWeights) -> None:
         weights_hash=meta.sha256,
         device="cpu",
         precision="fp32",
+        backend="torch",
     )
     assert info == 1
 

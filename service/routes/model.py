@@ -13,4 +13,4 @@ router = APIRouter(**PROTECTED)
 @router.get("/v1/model", response_model=ModelInfo)
 async def model_info(state: State, meta: Meta) -> ModelInfo:
     """The served weights' metadata: architecture, classes, palette, metrics, content hash."""
-    return ModelInfo.of(meta, device=state.device, precision=state.precision)
+    return ModelInfo.of(meta, device=state.device, precision=state.precision, backend=state.backend)

@@ -1,0 +1,229 @@
+"""Runtimes that run the network: PyTorch, ONNX Runtime, OpenVINO, behind one small interface.
+
+A :class:`Network` maps a normalised float N x 3 x H x W batch to N x C x H x W logits on the
+predictor's device. The :class:`~fcn_core.inference.Predictor` owns everything around it
+(normalisation with the padding zeroed, the one-image-per-thread pool on the CPU, the argmax,
+the crop), so a backend changes only the arithmetic of the forward pass, and the batcher,
+buckets, codecs and metrics never know which one runs.
+
+Threading is the backend's: each call says how many cores it may use, 1 on a pool worker that
+runs one image of a batch beside the others, every usable core for an image run alone. PyTorch
+sets its (per-thread) intra-op thread count; ONNX Runtime keeps a session per thread count;
+OpenVINO keeps a compiled model with one stream per worker for the pool and a latency-tuned one
+for lone images. OpenVINO is pinned to f32: on CPUs with bf16 its default precision silently
+changes labels (~2.4 % of pixels on this model); bf16 is used only when asked for.
+
+The ONNX backends run the graph ``fcn-export`` makes, cached by the weights' content hash, so
+only the first start with a new weights file pays for the export.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from fcn_core.weights import LoadedWeights, WeightsMetadata
+
+log = logging.getLogger(__name__)
+
+BackendName = Literal["auto", "torch", "onnxruntime", "openvino"]
+BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "openvino")
+
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    # Fastest first, from bench/results (labels equal to PyTorch's on >= 99.9 % of pixels);
+    # a backend whose package is not installed is skipped.
+    "cpu": ("onnxruntime", "openvino", "torch"),
+    "cuda": ("torch",),
+}
+
+
+class Network(Protocol):
+    """A normalised float N x 3 x H x W batch on the device -> N x C x H x W logits."""
+
+    name: str
+
+    def __call__(self, x: torch.Tensor, threads: int) -> torch.Tensor:
+        """``threads``: the cores this call may use (CPU); calls may run concurrently."""
+        ...
+
+
+class TorchNetwork:
+    """The module itself (optionally ``torch.compile``-d); intra-op threads set per call,
+    as torch keeps the count per thread."""
+
+    name = "torch"
+
+    def __init__(self, module: nn.Module, device: torch.device) -> None:
+        self.module = module
+        self.device = device
+
+    def __call__(self, x: torch.Tensor, threads: int) -> torch.Tensor:
+        if self.device.type == "cpu" and threads and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        return self.module(x)
+
+
+class OnnxRuntimeNetwork:
+    """ONNX Runtime's CPU provider, one session per thread count (made on first use).
+
+    Sessions run concurrent calls safely. The session of a lone image does not spin its
+    threads between runs, so that they do not take cores from the pool's single-thread runs.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path: Path) -> None:
+        import onnxruntime  # noqa: F401  (fail at start, not on the first request)
+
+        self.path = onnx_path
+        self._sessions: dict[int, object] = {}
+        self._lock = threading.Lock()
+        self.session(1)
+
+    def session(self, threads: int):  # -> onnxruntime.InferenceSession
+        with self._lock:
+            if threads not in self._sessions:
+                import onnxruntime as ort
+
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = threads
+                options.inter_op_num_threads = 1
+                options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+                if threads > 1:
+                    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                self._sessions[threads] = ort.InferenceSession(
+                    str(self.path), options, providers=["CPUExecutionProvider"]
+                )
+            return self._sessions[threads]
+
+    def __call__(self, x: torch.Tensor, threads: int) -> torch.Tensor:
+        from fcn_core.export import INPUT, OUTPUT
+
+        (logits,) = self.session(max(1, threads)).run([OUTPUT], {INPUT: x.numpy()})
+        return torch.from_numpy(logits)
+
+
+class OpenVinoNetwork:
+    """OpenVINO on the CPU: the pool's compiled model has one stream per worker (each call on
+    one core), a lone image's is latency-tuned over every core. Infer requests are per thread."""
+
+    name = "openvino"
+
+    def __init__(self, onnx_path: Path, workers: int, cores: int, precision: str) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(str(onnx_path))
+        hint = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[precision]
+        common = {"INFERENCE_PRECISION_HINT": hint}
+        self._pool = core.compile_model(
+            model,
+            "CPU",
+            {
+                **common,
+                "PERFORMANCE_HINT": "THROUGHPUT",
+                "NUM_STREAMS": workers,
+                "INFERENCE_NUM_THREADS": workers,
+            },
+        )
+        self._lone = core.compile_model(
+            model,
+            "CPU",
+            {**common, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": cores},
+        )
+        self._requests = threading.local()
+
+    def __call__(self, x: torch.Tensor, threads: int) -> torch.Tensor:
+        compiled = self._pool if threads <= 1 else self._lone
+        requests = self._requests.__dict__
+        request = requests.get(id(compiled))
+        if request is None:
+            request = requests[id(compiled)] = compiled.create_infer_request()
+        result = request.infer({0: x.numpy()})
+        return torch.from_numpy(np.array(result[0]))  # a copy: the request reuses its output
+
+
+NEEDS: dict[str, tuple[str, ...]] = {
+    "torch": (),
+    "onnxruntime": ("onnxruntime", "onnx", "onnxscript"),  # dependencies of fcn-serve
+    "openvino": ("openvino", "onnx", "onnxscript"),  # the openvino extra
+}
+
+
+def missing(name: str) -> list[str]:
+    """The packages a backend needs that are not installed."""
+    import importlib.util
+
+    return [m for m in NEEDS[name] if importlib.util.find_spec(m) is None]
+
+
+def choose_backend(name: str, device: torch.device, meta: WeightsMetadata | None) -> str:
+    """``auto`` -> the fastest installed backend for the device; anything else is checked.
+
+    The ONNX backends export the weights, so they need the weights' metadata (a module served
+    without it runs on torch)."""
+    if name == "auto":
+        if meta is None:
+            return "torch"
+        return next(b for b in AUTO_ORDER.get(device.type, ("torch",)) if not missing(b))
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
+    if name != "torch":
+        if device.type != "cpu":
+            raise ValueError(f"the {name} backend runs on the CPU; on {device} use torch")
+        if meta is None:
+            raise ValueError(f"the {name} backend needs a weights file's metadata to export")
+        if absent := missing(name):
+            raise ValueError(
+                f"the {name} backend needs {', '.join(absent)}: pip install {' '.join(absent)}"
+            )
+    return name
+
+
+def onnx_export(model: nn.Module, meta: WeightsMetadata, cache: str | Path | None) -> Path:
+    """The cached ONNX export of the served weights; in a temporary folder when the cache
+    cannot be written (a read-only image), with a warning, rather than not starting."""
+    from fcn_core.export import cache_dir, cached_export
+
+    loaded = LoadedWeights(model, meta)
+    try:
+        return cached_export(loaded, cache)
+    except OSError as exc:
+        fallback = Path(tempfile.mkdtemp(prefix="fcn-export-"))
+        log.warning(
+            "cannot write the export cache %s (%s); exporting to %s",
+            cache_dir(cache),
+            exc,
+            fallback,
+        )
+        return cached_export(loaded, fallback)
+
+
+def build_network(
+    name: str,
+    model: nn.Module,
+    meta: WeightsMetadata | None,
+    device: torch.device,
+    *,
+    workers: int,
+    cores: int,
+    precision: str = "fp32",
+    cache: str | Path | None = None,
+) -> Network:
+    """The network for backend ``name`` (already chosen: see :func:`choose_backend`).
+    ``model`` is on the CPU for the ONNX backends and on ``device`` (perhaps compiled) for
+    torch."""
+    if name == "torch":
+        return TorchNetwork(model, device)
+    assert meta is not None
+    path = onnx_export(model, meta, cache)
+    if name == "onnxruntime":
+        return OnnxRuntimeNetwork(path)
+    return OpenVinoNetwork(path, workers, cores, precision)
