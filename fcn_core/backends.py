@@ -157,6 +157,19 @@ NEEDS: dict[str, tuple[str, ...]] = {
 }
 
 
+class NetworkModule(nn.Module):
+    """A network as a module, for code written against ``nn.Module`` (``fcn-eval``): each
+    forward pass may use ``threads`` cores."""
+
+    def __init__(self, network: Network, threads: int) -> None:
+        super().__init__()
+        self.network = network
+        self.threads = threads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x, self.threads)
+
+
 def missing(name: str) -> list[str]:
     """The packages a backend needs that are not installed."""
     import importlib.util

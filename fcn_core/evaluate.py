@@ -104,7 +104,10 @@ def format_table(result: dict, class_names: Sequence[str]) -> str:
 
 def load_model(args: argparse.Namespace) -> LoadedWeights:
     if args.weights:
-        return load_weights(args.weights, device=args.device)
+        loaded = load_weights(args.weights, device=args.device)
+        if args.backend == "torch":
+            return loaded
+        return LoadedWeights(backend_module(args.backend, loaded, args.device), loaded.meta)
     from fcn_core.teachers import RAW_PIXELS, TeacherModule, TFLiteTeacher
 
     teacher = TFLiteTeacher(args.teacher)
@@ -127,6 +130,18 @@ def load_model(args: argparse.Namespace) -> LoadedWeights:
     return LoadedWeights(TeacherModule(teacher), meta)
 
 
+def backend_module(name: str, loaded: LoadedWeights, device: str) -> nn.Module:
+    """The weights run by another backend than torch, every core on each pass."""
+    from fcn_core.backends import NetworkModule, build_network, choose_backend
+    from fcn_core.inference import usable_cores
+
+    where = torch.device(device)
+    chosen = choose_backend(name, where, loaded.meta)
+    cores = usable_cores()
+    network = build_network(chosen, loaded.model, loaded.meta, where, workers=1, cores=cores)
+    return NetworkModule(network, cores)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fcn-eval", description=__doc__)
     model = p.add_mutually_exclusive_group(required=True)
@@ -144,6 +159,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--json", type=Path, help="write the metrics here as JSON")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--backend",
+        default="torch",
+        choices=["torch", "onnxruntime", "openvino", "auto"],
+        help="what runs the network (the ONNX ones on the CPU, from the cached export)",
+    )
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--flip", action="store_true", help="test-time augmentation: horizontal flip")
@@ -200,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset=args.dataset,
         split=args.split,
         device=str(args.device),
+        backend=args.backend if args.weights else "teacher",
         flip=args.flip,
         scales=args.scales,
     )

@@ -33,9 +33,10 @@ INPUT, OUTPUT = "input", "logits"
 
 
 def cache_dir(configured: str | Path | None = None) -> Path:
-    """The export cache: ``configured`` (the service's ``FCN_CACHE_DIR``), else
-    ``~/.cache/fcn-serve``."""
-    return Path(configured) if configured else Path.home() / ".cache" / "fcn-serve"
+    """The export cache: ``configured`` (the service's setting), else ``FCN_CACHE_DIR`` (the
+    same variable, for the command-line tools), else ``~/.cache/fcn-serve``."""
+    chosen = configured or os.environ.get("FCN_CACHE_DIR")
+    return Path(chosen) if chosen else Path.home() / ".cache" / "fcn-serve"
 
 
 def export_onnx(loaded: LoadedWeights, path: str | Path) -> Path:
@@ -137,10 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         loaded = load_weights(args.weights, device="cpu")
-        if args.output:
-            path = export_onnx(loaded, args.output)
-        else:
-            path = cached_export(loaded, os.environ.get("FCN_CACHE_DIR"))
+        path = export_onnx(loaded, args.output) if args.output else cached_export(loaded)
     except (FileNotFoundError, WeightsError) as exc:
         print(f"fcn-export: error: {exc}", file=sys.stderr)
         return 2

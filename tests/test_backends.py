@@ -170,3 +170,25 @@ def test_a_bad_backend_setting_is_refused_with_its_name() -> None:
 
     with pytest.raises(ValidationError, match="backend"):
         Settings(backend="tensorrt")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", ONNX_BACKENDS)
+def test_fcn_eval_scores_a_backend_as_torch(backend: str, cache: Path, tmp_path: Path) -> None:
+    """fcn-eval --backend: the same mean IU as torch on CamVid's 101 validation images."""
+    import json
+
+    from fcn_core import evaluate
+
+    camvid_val = DEMO_PHOTOS.parent / "camvid"
+    results = {}
+    for name in ("torch", backend):
+        out = tmp_path / f"{name}.json"
+        args = ["--weights", str(WEIGHTS), "--dataset", "camvid", "--data-root", str(camvid_val)]
+        args += ["--device", "cpu", "--backend", name, "--num-workers", "0", "--json", str(out)]
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("FCN_CACHE_DIR", str(cache))
+            assert evaluate.main(args) == 0
+        results[name] = json.loads(out.read_text())
+    assert results[backend]["backend"] == backend and results[backend]["images"] == 101
+    assert abs(results[backend]["mean_iu"] - results["torch"]["mean_iu"]) < 1e-3
+    assert results["torch"]["mean_iu"] > 0.6  # the shipped CamVid model, really scored
