@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import itertools
 import math
 import statistics
@@ -34,9 +35,12 @@ BATCH_METRIC = "fcn_batch_size"
 
 
 class Upload(BaseModel):
-    """How the image travels: the raw body, or a multipart form field of this name."""
+    """How the image travels: the raw body, a multipart form field of this name, or a JSON
+    field holding it in base64 (LitServe's documented way: its workers are processes, and a
+    multipart upload cannot be handed to them)."""
 
     field: str | None = None  # None: raw body with Content-Type image/jpeg
+    json_base64: bool = False  # with field: {field: base64 of the image} as a JSON body
     headers: dict[str, str] = {}
 
 
@@ -97,6 +101,9 @@ def build_request(
     if upload.field is None:
         headers = {"Content-Type": "image/jpeg", **upload.headers}
         return client.build_request("POST", url, content=payload, headers=headers)
+    if upload.json_base64:
+        body = {upload.field: base64.b64encode(payload).decode("ascii")}
+        return client.build_request("POST", url, json=body, headers=upload.headers)
     files = {upload.field: ("image.jpg", payload, "image/jpeg")}
     return client.build_request("POST", url, files=files, headers=upload.headers)
 

@@ -26,10 +26,12 @@ from pydantic import BaseModel
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from fcn_core.backends import Network, build_network, choose_backend
+from fcn_core.inference import usable_cores
 from fcn_core.models import build_model
 from fcn_core.models.backbones import default_normalization
 from fcn_core.preprocess import Normalization
-from fcn_core.weights import load_weights
+from fcn_core.weights import WeightsMetadata, load_weights
 from service.settings import parse_size
 
 from .images import DEFAULT_DATA_ROOT, photos_of_size
@@ -50,7 +52,8 @@ class ModelCase(BaseModel):
     precision: str = "fp32"
     channels_last: bool = False
     compiled: bool = False
-    threads: int = 0  # torch intra-op threads on the CPU; 0: torch's default (the core count)
+    threads: int = 0  # intra-op threads on the CPU; 0: torch's default (the core count)
+    backend: str = "torch"  # fcn_core.backends: what runs the network
 
 
 class ModelResult(ModelCase):
@@ -64,9 +67,11 @@ class ModelResult(ModelCase):
 
 
 class AgreementResult(BaseModel):
-    """Share of pixels whose label at reduced precision equals the fp32 label."""
+    """Share of pixels whose label at reduced precision, or on another backend, equals
+    torch's fp32 label."""
 
     precision: str
+    backend: str = "torch"
     images: int
     pixels: int
     agreement: float
@@ -78,7 +83,10 @@ class ModelReport(BaseModel):
     backbone: str
     num_classes: int
     weights: str  # the file, or a note that the weights are untrained
-    what_is_timed: str = "uint8 batch on device -> normalise -> forward -> max(1).indices -> uint8"
+    what_is_timed: str = (
+        "uint8 batch on device -> normalise -> forward (the case's backend) -> max(1).indices -> "
+        "uint8"
+    )
     compile_mode: str = "default"
     cudnn_benchmark: bool = False
     matmul_tflops: dict[str, float]
@@ -110,7 +118,10 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
 
 
 def device_step(
-    model: nn.Module, normalization: Normalization, precision: str, channels_last: bool
+    model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
+    normalization: Normalization,
+    precision: str,
+    channels_last: bool,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 N x 3 x H x W on the device -> uint8 N x H x W labels, as the service's runner."""
 
@@ -123,6 +134,27 @@ def device_step(
         return class_labels(logits)
 
     return step
+
+
+class Backends:
+    """The networks of the other backends for one model, built once (an export is cached by
+    the weights' hash, so only a new file pays for it)."""
+
+    def __init__(self, model: nn.Module, meta: WeightsMetadata | None) -> None:
+        self.model, self.meta = model, meta
+        self._networks: dict[str, Network] = {}
+
+    def runner(self, backend: str, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A normalised batch -> logits on ``backend`` with ``threads`` cores (0: all)."""
+        if backend not in self._networks:
+            device = torch.device("cpu")
+            chosen = choose_backend(backend, device, self.meta)
+            cores = usable_cores()
+            self._networks[backend] = build_network(
+                chosen, self.model, self.meta, device, workers=cores, cores=cores
+            )
+        network = self._networks[backend]
+        return lambda x: network(x, threads or usable_cores())
 
 
 def class_labels(logits: torch.Tensor) -> torch.Tensor:
@@ -180,13 +212,18 @@ def run_case(
     iters: int = 10,
     max_seconds: float = 10.0,
     compile_mode: str = "default",
+    backends: Backends | None = None,
 ) -> ModelResult:
     device = next(model.parameters()).device
     fmt = torch.channels_last if case.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    runnable: nn.Module = (
+    runnable: nn.Module | Callable[[torch.Tensor], torch.Tensor] = (
         torch.compile(model, dynamic=False, mode=compile_mode) if case.compiled else model
     )
+    if case.backend != "torch":
+        if backends is None:
+            raise ValueError(f"the {case.backend} case needs the weights' backends")
+        runnable = backends.runner(case.backend, case.threads)
     step = device_step(runnable, normalization, case.precision, case.channels_last)
     x = input_batch(images, case.batch, device)
     with intra_op_threads(case.threads):
@@ -226,6 +263,31 @@ def label_agreement(
     )
 
 
+def backend_agreement(
+    model: nn.Module,
+    normalization: Normalization,
+    images: Sequence[np.ndarray],
+    backends: Backends,
+    backend: str,
+) -> AgreementResult:
+    """Per-pixel agreement of ``backend``'s labels with torch's fp32 ones, image by image."""
+    torch_step = device_step(model, normalization, "fp32", False)
+    other = device_step(backends.runner(backend, 0), normalization, "fp32", False)
+    same = pixels = 0
+    with torch.inference_mode():
+        for img in images:
+            x = input_batch([img], 1, torch.device("cpu"))
+            same += int((torch_step(x) == other(x)).sum())
+            pixels += img.shape[0] * img.shape[1]
+    return AgreementResult(
+        precision="fp32",
+        backend=backend,
+        images=len(images),
+        pixels=pixels,
+        agreement=same / pixels,
+    )
+
+
 def matmul_tflops(device: torch.device, precision: str, seconds: float = 1.0) -> float:
     """Measured dense matmul rate: the realistic peak the model's TFLOP/s is compared with."""
     n = 8192 if device.type == "cuda" else 1024
@@ -247,15 +309,15 @@ def matmul_tflops(device: torch.device, precision: str, seconds: float = 1.0) ->
 
 def load_model(
     weights: Path | None, arch: str, backbone: str, num_classes: int, device: torch.device
-) -> tuple[nn.Module, Normalization, str, str, str, int]:
-    """The weights' model when a file is given, else an untrained one (same cost per pixel)."""
+) -> tuple[nn.Module, Normalization, str, WeightsMetadata | None]:
+    """The weights' model when a file is given, else an untrained one (same cost per pixel);
+    the note says which, and the metadata is the file's (None when untrained)."""
     if weights is not None:
         loaded = load_weights(weights, device)
-        m = loaded.meta
-        return loaded.model, m.normalization, str(weights), m.arch, m.backbone, m.num_classes
+        return loaded.model, loaded.meta.normalization, str(weights), loaded.meta
     model = randomise_scores(build_model(arch, num_classes, backbone)).to(device).eval()
     note = "untrained (random backbone and score layers): timing; agreement is indicative only"
-    return model, default_normalization(backbone), note, arch, backbone, num_classes
+    return model, default_normalization(backbone), note, None
 
 
 def randomise_scores(model: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module:
@@ -288,12 +350,38 @@ def sweep_cases(
     channels_last: Iterable[bool],
     compiled: Iterable[bool],
     threads: Iterable[int] = (0,),
+    backend: str = "torch",
 ) -> list[ModelCase]:
     return [
-        ModelCase(width=w, height=h, batch=b, precision=p, channels_last=cl, compiled=c, threads=t)
+        ModelCase(
+            width=w,
+            height=h,
+            batch=b,
+            precision=p,
+            channels_last=cl,
+            compiled=c,
+            threads=t,
+            backend=backend,
+        )
         for (h, w), b, p, cl, c, t in itertools.product(
             sizes, batches, precisions, channels_last, compiled, threads
         )
+    ]
+
+
+def backend_cases(
+    sizes: Iterable[tuple[int, int]],
+    batches: Iterable[int],
+    threads: Iterable[int],
+    backends: Iterable[str],
+) -> list[ModelCase]:
+    """fp32 cases of the non-torch backends (layout and compilation are torch's knobs)."""
+    sizes, batches, threads = list(sizes), list(batches), list(threads)
+    return [
+        case
+        for b in backends
+        if b != "torch"
+        for case in sweep_cases(sizes, batches, ["fp32"], [False], [False], threads, backend=b)
     ]
 
 
@@ -319,9 +407,10 @@ def run_sweep(
     dev = torch.device(device)
     cudnn = dev.type == "cuda" and cudnn_benchmark
     torch.backends.cudnn.benchmark = cudnn
-    model, norm, note, arch, backbone, num_classes = load_model(
-        weights, arch, backbone, num_classes, dev
-    )
+    model, norm, note, meta = load_model(weights, arch, backbone, num_classes, dev)
+    if meta is not None:
+        arch, backbone, num_classes = meta.arch, meta.backbone, meta.num_classes
+    others = Backends(model, meta) if dev.type == "cpu" else None
     photos: dict[tuple[int, int], list[np.ndarray]] = {}  # (h, w) -> photos of that size
     gflops: dict[tuple[int, int], float] = {}
     results = []
@@ -340,9 +429,10 @@ def run_sweep(
             iters=iters,
             max_seconds=max_seconds,
             compile_mode=compile_mode,
+            backends=others,
         )
         log(
-            f"{case.width}x{case.height} b{case.batch} {case.precision}"
+            f"{case.width}x{case.height} b{case.batch} {case.backend} {case.precision}"
             f"{' cl' if case.channels_last else ''}{' compiled' if case.compiled else ''}"
             f"{f' {case.threads}T' if case.threads else ''}: "
             f"{r.images_per_s:.2f} img/s, {r.batch_ms_p50:.1f} ms/batch, "
@@ -352,9 +442,12 @@ def run_sweep(
     model.to(memory_format=torch.contiguous_format)
     low = sorted({c.precision for c in cases} - {"fp32"})
     agreement = []
-    if low and agreement_images:
+    other_backends = sorted({c.backend for c in cases} - {"torch"})
+    if (low or other_backends) and agreement_images:
         imgs = photos_of_size(next(iter(photos)), agreement_images, data_root)
         agreement = [label_agreement(model, norm, imgs, p) for p in low]
+        if others is not None:
+            agreement += [backend_agreement(model, norm, imgs, others, b) for b in other_backends]
     peaks = {p: matmul_tflops(dev, p) for p in ["fp32", *low]}
     return ModelReport(
         machine=describe(device),
@@ -400,6 +493,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="CPU intra-op thread counts to sweep (0: torch's default)",
     )
     p.add_argument(
+        "--backends",
+        type=_csv,
+        default="torch",
+        help="what runs the network, e.g. torch,onnxruntime,openvino (CPU; needs --weights)",
+    )
+    p.add_argument(
         "--compile-mode",
         default="default",
         help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune...",
@@ -419,6 +518,8 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         p.error(f"unknown precision {bad}; choose from {', '.join(PRECISIONS)}")
     cases = sweep_cases(a.sizes, a.batches, a.precisions, a.channels_last, a.compile, a.threads)
+    cases = [c for c in cases if "torch" in a.backends]
+    cases += backend_cases(a.sizes, a.batches, a.threads, a.backends)
     report = run_sweep(
         cases,
         device=a.device,

@@ -7,6 +7,7 @@ import it without importing each other.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 from pydantic import BaseModel
@@ -28,7 +29,10 @@ class Scenario:
     model_precisions: tuple[str, ...] = ("fp32",)
     model_compile: bool = False  # add compiled cases (channels_last, the service's precision)
     model_threads: tuple[int, ...] = (0,)  # CPU intra-op threads to sweep (0: torch's default)
+    model_backends: tuple[str, ...] = ("torch",)  # CPU: fcn_core.backends, side by side
+    model_sizes: tuple[tuple[int, int], ...] = ()  # (h, w) swept besides the workload's size
     model_iters: int = 10
+    peers: tuple[str, ...] = ("baseline",)  # other servers of the same model, side by side
 
 
 # The shipped model, as served: HTTP beside the plain server and the trivial-model service, then
@@ -129,21 +133,25 @@ def make_plan(preset: str, device: str) -> Plan:
             ],
         )
     quick = preset == "quick"
-    # The intra-op threads: one (the service's CPU default, a worker per core) and torch's own.
+    # The intra-op threads: one (a pool worker's) and every core (an image run alone).
     threads = (1, 0)
+    cores = len(os.sched_getaffinity(0))
     lite0 = replace(
         LITE0,
-        model_batches=(1, 8),
+        model_batches=(1, cores) if cores > 1 else (1,),  # alone, and the service's CPU batch
         model_precisions=("fp32",) if quick else ("fp32", "bf16"),
         model_compile=not quick,
         model_threads=threads,
+        model_backends=("torch", "onnxruntime", "openvino"),
+        model_sizes=() if quick else ((736, 960),),
         model_iters=3 if quick else 8,
+        peers=("baseline", "litserve"),
     )
     vgg16 = replace(VGG16, model_batches=(1,), model_threads=threads[:1], model_iters=2)
     return Plan(
         preset=preset,
         device=device,
-        concurrency=[1, 8] if quick else [1, 4, 8, 16],
+        concurrency=[1, 8] if quick else [1, 8, 16],
         requests_per_level=16 if quick else 120,  # short levels swing by 10-15 %
         seconds_per_level=20 if quick else 40,
         memory_requests=200 if quick else 2000,
@@ -151,12 +159,13 @@ def make_plan(preset: str, device: str) -> Plan:
         model_channels_last=[False, True],
         model_seconds=10,
         service_env={},
-        # The service's CPU defaults (a worker per core, one torch thread each) against GPU-style
-        # batching on intra-op threads, and each switch on top of the defaults.
+        # The service's CPU defaults (FCN_BACKEND=auto; a worker per core, one thread each,
+        # every core for a lone image) against each backend pinned, and GPU-style batching.
         service_variants={
+            "service-torch": {"FCN_BACKEND": "torch"},
+            "service-onnxruntime": {"FCN_BACKEND": "onnxruntime"},
+            "service-openvino": {"FCN_BACKEND": "openvino"},
             "service-batching": {"FCN_CPU_WORKERS": "1", "FCN_MAX_BATCH_SIZE": "8"},
-            "service-no-pipeline": {"FCN_PIPELINE_DEPTH": "1"},
-            "service-device-decode": {"FCN_DECODE_ON_DEVICE": "true"},
         },
         scenarios=[lite0] if quick else [lite0, vgg16],
     )

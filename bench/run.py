@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import importlib.util
 import subprocess
 import tempfile
 import time
@@ -37,7 +38,7 @@ from fcn_core.weights import WeightsMetadata, read_metadata, save_weights
 from .http import LoadResult, Upload, closed_loop
 from .images import DEFAULT_DATA_ROOT, WORKLOADS, workload_jpegs
 from .machine import MachineInfo, default_device, describe
-from .model import randomise_scores, run_sweep, sweep_cases
+from .model import backend_cases, randomise_scores, run_sweep, sweep_cases
 from .plan import Plan, Scenario, make_plan, select_variants
 from .records import BenchReport, MemoryCheck, ScenarioResult
 from .report import markdown
@@ -91,22 +92,31 @@ def server_specs(scenario: Scenario, weights: Path, plan: Plan) -> list[ServerSp
         services[name] = {**common, **env, "FCN_WEIGHTS": str(weights)}
     if scenario.trivial:
         services["service-trivial"] = {**common, "FCN_TRIVIAL_MODEL": "true"}
-    port = free_port()
-    # This package's own name: "bench" in the repository, "fcn_bench" where installed.
-    baseline_argv = ["-m", f"{__package__}.baseline_server", "--weights", str(weights)]
-    specs = [
-        ServerSpec(
-            "baseline",
-            [*baseline_argv, "--port", str(port), "--device", plan.device],
-            port,
-            "/healthz",
-        )
-    ]
+    specs = [peer_spec(name, weights, plan.device) for name in scenario.peers]
     for name, env in services.items():
         port = free_port()
         argv = ["-m", "service.cli", "--host", "127.0.0.1", "--port", str(port)]
         specs.append(ServerSpec(name, [*argv, "--log-level", "warning"], port, "/readyz", env))
     return specs
+
+
+PEERS = {
+    # name -> (module of this package, how it takes the image)
+    "baseline": ("baseline_server", UPLOAD),
+    "litserve": ("litserve_server", Upload(field=IMAGE_FIELD, json_base64=True)),
+}
+
+
+def peer_spec(name: str, weights: Path, device: str) -> ServerSpec:
+    """A peer server of the same weights (bench.baseline_server, bench.litserve_server)."""
+    module, upload = PEERS[name]
+    if name == "litserve" and importlib.util.find_spec("litserve") is None:
+        raise SystemExit("the LitServe peer needs litserve: pip install 'fcn-serve[bench]'")
+    port = free_port()
+    # This package's own name: "bench" in the repository, "fcn_bench" where installed.
+    argv = ["-m", f"{__package__}.{module}", "--weights", str(weights)]
+    argv += ["--port", str(port), "--device", device]
+    return ServerSpec(name, argv, port, "/healthz", upload=upload)
 
 
 def load_sweep(
@@ -130,7 +140,7 @@ def load_sweep(
                     max_seconds=plan.seconds_per_level,
                     warmup_requests=c,
                     metrics_url=server.base_url + "/metrics",
-                    upload=UPLOAD,
+                    upload=server.upload or UPLOAD,
                 )
             )
             log(
@@ -204,14 +214,17 @@ def run_scenario(
     if scenario.model_batches:
         log(f"[{name}] raw model, {w}x{h}")
         batches, threads = list(scenario.model_batches), list(scenario.model_threads)
+        sizes = [(h, w), *scenario.model_sizes]
         cases = sweep_cases(
-            [(h, w)],
+            sizes,
             batches,
             scenario.model_precisions,
             plan.model_channels_last,
             [False],
             threads,
         )
+        if not plan.device.startswith("cuda"):
+            cases += backend_cases(sizes, batches, threads, scenario.model_backends)
         if scenario.model_compile:  # compiling takes minutes on the CPU: batch 1 only there
             compiled = batches if plan.device.startswith("cuda") else batches[:1]
             cases += sweep_cases([(h, w)], compiled, [precision], [True], [True], threads[:1])

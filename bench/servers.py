@@ -19,6 +19,8 @@ from pathlib import Path
 
 import httpx
 
+from .http import Upload
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,6 +34,7 @@ class ServerProcess:
     base_url: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    upload: Upload | None = None
 
     def rss_bytes(self) -> int:
         """Resident set size of the server process (VmRSS), from /proc."""
@@ -67,6 +70,7 @@ class ServerSpec:
     port: int
     ready_path: str
     env: dict[str, str] = field(default_factory=dict)
+    upload: Upload | None = None  # how it takes an image; None: the service's multipart field
 
 
 def start(spec: ServerSpec, log_dir: Path) -> ServerProcess:
@@ -78,7 +82,9 @@ def start(spec: ServerSpec, log_dir: Path) -> ServerProcess:
         proc = subprocess.Popen(
             [sys.executable, *spec.argv], cwd=REPO_ROOT, env=env, stdout=log, stderr=log
         )
-    return ServerProcess(spec.name, f"http://127.0.0.1:{spec.port}", proc, log_path)
+    return ServerProcess(
+        spec.name, f"http://127.0.0.1:{spec.port}", proc, log_path, upload=spec.upload
+    )
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import graphlib
+import io
 import json
 from pathlib import Path
 
@@ -215,3 +216,57 @@ def test_variants_can_be_chosen_by_name() -> None:
         select_variants(plan, "service-warp-drive")
     select_variants(plan, "none")
     assert plan.service_variants == {}
+
+
+@needs_data
+@pytest.mark.skipif(not SHIPPED_WEIGHTS.is_file(), reason="needs the trained shipped weights")
+def test_the_peers_answer_the_services_labels(tmp_path: Path) -> None:
+    """The plain server and the LitServe peer give the same palette PNG labels as the model
+    (max(1).indices, as the service), each through the upload it is driven with."""
+    pytest.importorskip("litserve", reason="the bench extra is not installed")
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    from bench.http import build_request
+    from bench.run import peer_spec
+    from fcn_core.export import read_photos
+
+    photo = DATA / "demo-photos" / "dog.jpg"
+    loaded = load_weights(SHIPPED_WEIGHTS)
+    x = loaded.meta.normalization(torch.from_numpy(read_photos([photo])[0]).permute(2, 0, 1)[None])
+    with torch.inference_mode():
+        expected = loaded.model(x).max(1).indices[0].to(torch.uint8).numpy()
+    specs = [peer_spec(name, SHIPPED_WEIGHTS, "cpu") for name in ("baseline", "litserve")]
+    with serve_all(specs, tmp_path / "logs") as running:
+        for name, server in running.items():
+
+            async def post(server=server) -> httpx.Response:
+                async with httpx.AsyncClient(timeout=60) as client:
+                    upload = server.upload or Upload(field="image")
+                    url = server.base_url + "/segment"
+                    return await client.send(build_request(client, url, photo.read_bytes(), upload))
+
+            answer = asyncio.run(post())
+            assert answer.status_code == 200, (name, answer.text)
+            labels = np.asarray(Image.open(io.BytesIO(answer.content)))
+            assert (labels == expected).mean() >= 0.999, name
+
+
+@needs_data
+@pytest.mark.skipif(not SHIPPED_WEIGHTS.is_file(), reason="needs the trained shipped weights")
+def test_the_raw_sweep_times_each_backend_and_scores_its_labels(tmp_path: Path) -> None:
+    from bench.model import backend_cases, run_sweep, sweep_cases
+    from fcn_core.backends import missing
+
+    backends = ["torch", *(b for b in ("onnxruntime", "openvino") if not missing(b))]
+    cases = sweep_cases([(96, 128)], [1], ["fp32"], [False], [False], [1])
+    cases += backend_cases([(96, 128)], [1], [1], backends)
+    report = run_sweep(
+        cases, device="cpu", weights=SHIPPED_WEIGHTS, iters=1, warmup=1, log=lambda _: None
+    )
+    assert [r.backend for r in report.results] == backends
+    assert all(r.images_per_s > 0 for r in report.results)
+    agreement = {a.backend: a.agreement for a in report.agreement}
+    assert set(agreement) == set(backends) - {"torch"}
+    assert all(a >= 0.999 for a in agreement.values())
