@@ -37,9 +37,12 @@ BackendName = Literal["auto", "torch", "onnxruntime", "openvino"]
 BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "openvino")
 
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    # Fastest first, from bench/results (labels equal to PyTorch's on >= 99.9 % of pixels);
-    # a backend whose package is not installed is skipped.
-    "cpu": ("onnxruntime", "openvino", "torch"),
+    # Fastest first, by bench/results/2026-12-02-cpu-backends.md (2-core AMD EPYC, 480x360
+    # JPEGs, req/s at concurrency 8: OpenVINO 35.9, ONNX Runtime 31.3, torch 15.8; p50 at
+    # concurrency 1: 35.6 / 43.9 / 85.5 ms; labels equal to torch's on 100 % of pixels). A
+    # backend whose packages are not installed is skipped. GPUs: torch until another runtime
+    # is measured against the CUDA path.
+    "cpu": ("openvino", "onnxruntime", "torch"),
     "cuda": ("torch",),
 }
 
@@ -153,7 +156,7 @@ class OpenVinoNetwork:
 NEEDS: dict[str, tuple[str, ...]] = {
     "torch": (),
     "onnxruntime": ("onnxruntime", "onnx", "onnxscript"),  # dependencies of fcn-serve
-    "openvino": ("openvino", "onnx", "onnxscript"),  # the openvino extra
+    "openvino": ("openvino", "onnx", "onnxscript"),  # dependencies of fcn-serve too
 }
 
 
