@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--local", action="store_true", help="run the model here")
     local.add_argument("--weights", help="weights file (default: FCN_WEIGHTS, as fcn-serve)")
     local.add_argument("--device", help="cpu, cuda, cuda:N (default: FCN_DEVICE, as fcn-serve)")
+    local.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnxruntime", "openvino"],
+        help="what runs the network (default: FCN_BACKEND, as fcn-serve)",
+    )
     return p
 
 
@@ -95,8 +100,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--concurrency must be at least 1, not {args.concurrency}")
     if args.retries < 0 or args.backoff < 0 or args.max_backoff < 0 or args.timeout <= 0:
         p.error("--retries, --backoff and --max-backoff must be >= 0, --timeout > 0")
-    if (args.weights or args.device) and not args.local:
-        p.error("--weights and --device are for --local; a server uses its own")
+    if (args.weights or args.device or args.backend) and not args.local:
+        p.error("--weights, --device and --backend are for --local; a server uses its own")
 
 
 async def _run(args: argparse.Namespace, jobs: list[Job]) -> Summary:
@@ -109,7 +114,9 @@ async def _run(args: argparse.Namespace, jobs: list[Job]) -> Summary:
     if args.local:
         from fcn_client.local import LocalBackend  # torch and the service: only when asked
 
-        backend = await asyncio.to_thread(LocalBackend.from_environment, args.weights, args.device)
+        backend = await asyncio.to_thread(
+            LocalBackend.from_environment, args.weights, args.device, args.backend
+        )
     else:
         backend = RemoteBackend(
             AsyncSegmentationClient(

@@ -4,10 +4,11 @@ This module owns the in-process backend. Everything that decides the bytes is th
 own, taken from where the server takes it, never copied:
 
 - the settings: ``service.settings.Settings`` from the same ``FCN_*`` environment (plus the
-  ``--weights``/``--device`` overrides), its ``inference()`` config for the model and its
+  ``--weights``/``--device``/``--backend`` overrides), its ``inference()`` config for the model and its
   decode limits, codec threads and warm-up;
 - the model: ``service.loading.load_served_model``, run by ``fcn_core.inference.Segmenter``
-  (size buckets, batch capacity, CPU workers, threads, channels-last, compile, precision);
+  (backend, size buckets, batch capacity, CPU workers, threads, channels-last, compile,
+  precision);
 - the codecs: ``service.codecs.decode`` and the server's ``render``.
 
 Images are in flight in parallel as on a server: files are read and decoded in the codec
@@ -26,7 +27,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 
 from fcn_client.jobs import BackendSetupError
 from fcn_client.sdk import SegmentationError
@@ -156,7 +156,10 @@ class LocalBackend:
 
     @classmethod
     def from_environment(
-        cls, weights: str | Path | None = None, device: str | None = None
+        cls,
+        weights: str | Path | None = None,
+        device: str | None = None,
+        backend: str | None = None,
     ) -> LocalBackend:
         """The backend ``fcn-serve`` would be, given this environment and these overrides."""
         overrides: dict[str, Any] = {}
@@ -164,11 +167,15 @@ class LocalBackend:
             overrides["weights"] = Path(weights)
         if device:
             overrides["device"] = device
+        if backend:
+            overrides["backend"] = backend
         try:
             settings = Settings(**overrides)
             return cls(settings, load_served_model(settings))
-        except (ValidationError, WeightsError, RuntimeError) as exc:
-            # RuntimeError: a device that is not there, a compile or warm-up that fails.
+        except (ValueError, WeightsError, RuntimeError) as exc:
+            # ValueError: bad settings (pydantic's ValidationError is one), a backend that
+            # cannot run here; RuntimeError: a device that is not there, a compile or
+            # warm-up that fails.
             raise LocalSetupError(f"--local: {exc}") from exc
 
     def in_flight(self, requested: int) -> int:

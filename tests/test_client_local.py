@@ -251,3 +251,19 @@ def test_client_package_imports_neither_torch_nor_the_service() -> None:
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
+
+
+def test_backend_flag_overrides_the_environment(
+    local_env: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--backend reaches the predictor; an unknown one, or one without --local, is refused."""
+    backend = LocalBackend.from_environment(backend="onnxruntime")  # FCN_BACKEND is torch
+    assert predictor(backend).backend == "onnxruntime"
+    asyncio.run(backend.aclose())
+    frame = str(camvid_frames(1)[0])
+    with pytest.raises(SystemExit) as exit_:
+        main([frame, "--local", "--backend", "tensorrt", "-o", str(tmp_path)])
+    assert exit_.value.code == 2 and "invalid choice: 'tensorrt'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a server chooses its own backend
+        main([frame, "--backend", "torch", "-o", str(tmp_path)])
+    assert "are for --local" in capsys.readouterr().err and not any(tmp_path.iterdir())
