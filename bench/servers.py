@@ -8,12 +8,13 @@ server alone.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,8 +80,15 @@ def start(spec: ServerSpec, log_dir: Path) -> ServerProcess:
     env = {**os.environ, **spec.env}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     with open(log_path, "wb") as log:
+        # A session (and process group) of its own, so that stop() reaches the processes a
+        # server spawns (LitServe's workers), not the server alone.
         proc = subprocess.Popen(
-            [sys.executable, *spec.argv], cwd=REPO_ROOT, env=env, stdout=log, stderr=log
+            [sys.executable, *spec.argv],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
         )
     return ServerProcess(
         spec.name, f"http://127.0.0.1:{spec.port}", proc, log_path, upload=spec.upload
@@ -126,11 +134,34 @@ def wait_ready(server: ServerProcess, ready_path: str, timeout_s: float) -> None
 
 
 def stop(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    """SIGTERM to the server's whole process group, SIGKILL to what is left after the grace:
+    a server's children outliving it would load the machine of every later measurement."""
+    group = proc.pid  # its own session: the group id is its pid
+    if proc.poll() is None:
+        _signal_group(group, signal.SIGTERM)
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(grace_s)
+    _signal_group(group, signal.SIGKILL)  # children that ignored SIGTERM, or outlived it
+    proc.wait()
+    deadline = time.monotonic() + 5.0
+    while group_alive(group) and time.monotonic() < deadline:
+        time.sleep(0.05)  # SIGKILL is delivered asynchronously
+
+
+def group_alive(group: int) -> bool:
+    """Whether a process of this group still runs (zombies, dead but not reaped by an init
+    that does not reap, do not count), from /proc."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # pid (comm) state ppid pgrp ...: comm may hold spaces, so split after its ")".
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        if int(fields[2]) == group and fields[0] != "Z":
+            return True
+    return False
+
+
+def _signal_group(group: int, sig: signal.Signals) -> None:
+    with suppress(ProcessLookupError):  # nothing left
+        os.killpg(group, sig)

@@ -12,6 +12,7 @@ import asyncio
 import graphlib
 import io
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -270,3 +271,21 @@ def test_the_raw_sweep_times_each_backend_and_scores_its_labels(tmp_path: Path) 
     agreement = {a.backend: a.agreement for a in report.agreement}
     assert set(agreement) == set(backends) - {"torch"}
     assert all(a >= 0.999 for a in agreement.values())
+
+
+def test_stopping_a_server_stops_the_processes_it_spawned(tmp_path: Path) -> None:
+    """A server's children (LitServe's workers) must not outlive it and load the machine of
+    the measurements after it: the whole process group is stopped."""
+    from bench.servers import group_alive, start, stop
+
+    script = (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'])\n"
+        "time.sleep(600)\n"
+    )
+    server = start(ServerSpec("spawner", ["-c", script], free_port(), "/"), tmp_path)
+    time.sleep(1.0)  # the child is up
+    assert group_alive(server.process.pid)
+    stop(server.process, grace_s=2.0)
+    assert not group_alive(server.process.pid)
