@@ -38,10 +38,11 @@ BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "openvino")
 
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     # Fastest first, by bench/results/2026-12-02-cpu-backends.md (2-core AMD EPYC, 480x360
-    # JPEGs, req/s at concurrency 8: OpenVINO 35.9, ONNX Runtime 31.3, torch 15.8; p50 at
-    # concurrency 1: 35.6 / 43.9 / 85.5 ms; labels equal to torch's on 100 % of pixels). A
-    # backend whose packages are not installed is skipped. GPUs: torch until another runtime
-    # is measured against the CUDA path.
+    # JPEGs; two runs): p50 at concurrency 1, OpenVINO 35.6 / 40.0 ms, ONNX Runtime 43.9 /
+    # 42.8, torch 85.5 / 83.6; req/s at concurrency 8, OpenVINO 35.9 / 31.2, ONNX Runtime
+    # 31.3 / 35.7 (a tie within the runs' spread), torch 15.8 / 15.7; labels equal to torch's
+    # on 100 % of pixels. A backend whose packages are not installed is skipped. GPUs: torch
+    # until another runtime is measured against the CUDA path.
     "cpu": ("openvino", "onnxruntime", "torch"),
     "cuda": ("torch",),
 }
