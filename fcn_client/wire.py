@@ -33,6 +33,12 @@ RETRY_AFTER = "Retry-After"
 """Seconds to wait before retrying, on 503 (queue full, not ready, shutting down)."""
 AUTHORIZATION = "Authorization"
 """``Bearer <key>`` when the server has an API key."""
+MODEL_HEADER = "X-Model"
+"""The name of the model that answered a ``/segment`` request."""
+MODEL_VERSION_HEADER = "X-Model-Version"
+"""Its version: the weights' content hash, short (the protocol's ``model_version``)."""
+MODEL_PARAM = "model"
+"""``/segment?model=``: the model to use (``GET /v1/models``); the default when omitted."""
 
 # Server-Timing entries, in the order a request meets them; ``total`` always follows.
 SERVER_TIMING_STAGES = ("read", "decode", "queue", "inference", "encode")

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fcn_core.inference import DEFAULT_GPU_BATCH, InferenceConfig, batch_capacity, bucket_of
-from service.metrics import Metrics
+from service.metrics import ModelMetrics
 from service.runner import InFlight, ModelInput, Prediction
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ class DynamicBatcher:
     def __init__(
         self,
         launch: Callable[[Sequence[ModelInput]], Prediction | InFlight],
-        metrics: Metrics,
+        metrics: ModelMetrics,
         *,
         max_batch_size: int = DEFAULT_GPU_BATCH,
         max_batch_pixels: int = _INFERENCE.max_batch_pixels,
@@ -138,7 +138,9 @@ class DynamicBatcher:
         self._launched = queue.SimpleQueue()
 
     @classmethod
-    def from_settings(cls, settings: Settings, runner: Runner, metrics: Metrics) -> DynamicBatcher:
+    def from_settings(
+        cls, settings: Settings, runner: Runner, metrics: ModelMetrics
+    ) -> DynamicBatcher:
         """The batcher for ``runner``: batch limits as its predictor resolves them for its
         device, queue policy from the settings."""
         p = runner.predictor

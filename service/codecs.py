@@ -196,6 +196,19 @@ def to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def from_pixels(rgb: np.ndarray, max_image_pixels: int, max_side: int) -> DecodedImage:
+    """An H x W x 3 uint8 array sent as pixels (the Open Inference Protocol's PIXELS), under
+    the same pixel limit and downscaling as a decoded image."""
+    h, w = rgb.shape[:2]
+    if h < 1 or w < 1:
+        raise CodecError(422, f"an image of {w}x{h} pixels has nothing to segment")
+    if h * w > max_image_pixels:
+        raise CodecError(
+            413, f"{w}x{h} = {w * h} pixels exceeds the {max_image_pixels}-pixel limit", "too_large"
+        )
+    return DecodedImage(rgb=rgb, model_input=downscale(rgb, max_side), format="PIXELS")
+
+
 def downscale(rgb: np.ndarray, max_side: int) -> np.ndarray:
     h, w = rgb.shape[:2]
     if max(h, w) <= max_side:

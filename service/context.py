@@ -29,6 +29,8 @@ class RequestContext:
     """``time.monotonic()`` at arrival: the request's deadline counts from here."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per stage (``SERVER_TIMING_STAGES``), as the stages record them."""
+    model: str = ""
+    """The name of the model that served the request (the ``model`` label of its metrics)."""
 
     def record(self, stage: str, seconds: float) -> None:
         self.timings[stage] = seconds

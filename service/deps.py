@@ -8,14 +8,16 @@ its signature; none of them reads a parameter, so the OpenAPI schema is not touc
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
 from fcn_client.wire import AUTHORIZATION
 from fcn_core.weights import WeightsMetadata
 from service.context import RequestContext, request_context
 from service.errors import ServiceError, unavailable
+from service.repository import ServedModel
 from service.schemas import ErrorBody
 from service.state import ServiceState
 
@@ -37,6 +39,24 @@ def served_meta(state: State) -> WeightsMetadata:
 Meta = Annotated[WeightsMetadata, Depends(served_meta)]
 
 
+def served_model(
+    state: State,
+    model: Annotated[
+        str | None, Query(description="the model's name (GET /v1/models); default: the default")
+    ] = None,
+) -> Iterator[ServedModel]:
+    """The model a request names, held (leased) until the response is written, so that a
+    model swapped meanwhile finishes this request before it is freed."""
+    ready, why = state.readiness()
+    if not ready:
+        raise unavailable(f"not ready: {why}")
+    with state.repository.lease(model) as served:
+        yield served
+
+
+Served = Annotated[ServedModel, Depends(served_model)]
+
+
 def require_api_key(request: Request, state: State) -> None:
     key = state.settings.api_key
     if key is None:
@@ -55,7 +75,7 @@ def require_api_key(request: Request, state: State) -> None:
 
 # The refusals a protected route may answer, documented once for all of them.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 413, 415, 422, 503, 504)
+    code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 503, 504)
 }
 PROTECTED: dict[str, Any] = {
     "dependencies": [Depends(require_api_key)],

@@ -20,14 +20,19 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from fcn_client.wire import RETRY_AFTER
+from fcn_core.weights import WeightsError
 from service.batcher import DeadlineExceeded, QueueFull, ShuttingDown
 from service.codecs import CodecError
 from service.context import request_context
+from service.protocol import ProtocolError
+from service.repository import UnknownModel
 from service.runner import DeviceOutOfMemory
 from service.schemas import ErrorBody
 
 if TYPE_CHECKING:
     from service.state import ServiceState
+
+V2_PREFIX = "/v2"  # the Open Inference Protocol's routes: errors as {"error": ...}
 
 # What a client should wait before trying again when the service cannot take work at all.
 RETRY_UNAVAILABLE_S = 5
@@ -61,6 +66,9 @@ PIPELINE_ERRORS: tuple[type[Exception], ...] = (
     DeadlineExceeded,
     DeviceOutOfMemory,
     ClientDisconnect,
+    ProtocolError,
+    UnknownModel,
+    WeightsError,
 )
 
 
@@ -84,6 +92,14 @@ def to_service_error(exc: Exception, *, timeout_s: float, queue_size: int) -> Se
         return ServiceError(504, f"not computed within the {timeout_s:g} s deadline", "timeout")
     if isinstance(exc, DeviceOutOfMemory):
         return ServiceError(413, str(exc), "too_large")
+    if isinstance(exc, ProtocolError):
+        return ServiceError(exc.status, exc.message)
+    if isinstance(exc, UnknownModel):
+        return ServiceError(404, str(exc), "unknown_model")
+    if isinstance(exc, WeightsError):
+        # A model load that failed (POST /v2/repository/models/{name}/load): the serving
+        # model is untouched; the answer says why.
+        return ServiceError(400, f"not loaded: {exc}")
     if isinstance(exc, ClientDisconnect):
         # Nobody reads this answer; it is counted (reason "disconnected"), not logged.
         when = str(exc) or "before the answer"
@@ -92,7 +108,11 @@ def to_service_error(exc: Exception, *, timeout_s: float, queue_size: int) -> Se
 
 
 def error_response(request: Request, error: ServiceError) -> JSONResponse:
-    body = ErrorBody(detail=error.detail, request_id=request_context(request).request_id)
+    request_id = request_context(request).request_id
+    if request.url.path.startswith(V2_PREFIX):
+        # The Open Inference Protocol's error shape; the id travels in X-Request-ID.
+        return JSONResponse({"error": error.detail}, error.status, headers=error.headers)
+    body = ErrorBody(detail=error.detail, request_id=request_id)
     return JSONResponse(body.model_dump(), error.status, headers=error.headers)
 
 

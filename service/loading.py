@@ -7,6 +7,8 @@ put on throughput. Any other module can be served with ``create_app(settings, mo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -45,7 +47,14 @@ def trivial_model() -> LoadedWeights:
 
 
 def load_served_model(settings: Settings) -> LoadedWeights:
-    """The model on the CPU; the runner moves it to its device. Raises ``WeightsError``."""
+    """The model ``--local`` runs (the default weights file, or the stand-in) on the CPU; the
+    runner moves it to its device. Raises ``WeightsError``."""
     if settings.trivial_model:
         return trivial_model()
-    return load_weights(settings.resolved_weights(), device="cpu")
+    return load_model_file(settings.resolved_weights())
+
+
+def load_model_file(path: Path) -> LoadedWeights:
+    """A weights file's model on the CPU. Raises ``WeightsError`` (or ``FileNotFoundError``)
+    with what is wrong, so that a failed load can say why."""
+    return load_weights(path, device="cpu")

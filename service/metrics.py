@@ -8,8 +8,14 @@ of the API (dashboards and alerts depend on them): base units, histograms for du
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from service.repository import ServedModel
 
 REJECT_REASONS = (
     "queue_full",
@@ -19,6 +25,7 @@ REJECT_REASONS = (
     "unauthorized",
     "disconnected",
     "shutting_down",
+    "unknown_model",
 )
 
 _LATENCY_BUCKETS = (
@@ -43,20 +50,38 @@ _LATENCY_BUCKETS = (
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
+@dataclass(frozen=True)
+class ModelMetrics:
+    """One model's series (its ``model`` label bound): what its batcher and runner record."""
+
+    queue_wait: Histogram
+    inference_duration: Histogram
+    batch_size: Histogram
+    queue_depth: Gauge
+    images: Counter
+    oom_splits: Counter
+
+
 class Metrics:
+    """Every series that concerns one model carries a ``model`` label (the name it is served
+    under), so a dashboard can show models apart or summed; the PromQL equivalents of
+    Triton's ``nv_inference_*`` names are in the README."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.request_duration = Histogram(
             "fcn_request_duration_seconds",
-            "Time from request arrival to the end of the response, by route and status.",
-            ["endpoint", "status"],
+            "Time from request arrival to the end of the response, by route, status and model "
+            "(empty for routes that serve none).",
+            ["endpoint", "status", "model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.queue_wait = Histogram(
             "fcn_queue_wait_seconds",
             "Time an image waited in the batch queue, from arrival to dispatch.",
+            ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
@@ -64,13 +89,20 @@ class Metrics:
             "fcn_inference_duration_seconds",
             "Time of one batch on the device: normalise, forward, argmax, copy out "
             "(CUDA events on a GPU, so time queued behind the previous batch is not counted).",
+            ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.batch_size = Histogram(
-            "fcn_batch_size", "Images per forward pass.", buckets=_BATCH_BUCKETS, registry=r
+            "fcn_batch_size",
+            "Images per forward pass.",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
         )
-        self.queue_depth = Gauge("fcn_queue_depth", "Images waiting in the queue.", registry=r)
+        self.queue_depth = Gauge(
+            "fcn_queue_depth", "Images waiting in the queue.", ["model"], registry=r
+        )
         self.rejected = Counter(
             "fcn_requests_rejected",
             "Requests answered with an error or not computed, by reason.",
@@ -79,30 +111,84 @@ class Metrics:
         )
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
-        self.images = Counter("fcn_images", "Images segmented (computed).", registry=r)
+        self.images = Counter("fcn_images", "Images segmented (computed).", ["model"], registry=r)
         self.oom_splits = Counter(
             "fcn_oom_splits",
             "Batches split in two and retried after a CUDA out-of-memory error.",
+            ["model"],
             registry=r,
         )
         self.model_info = Gauge(
             "fcn_model_info",
-            "The served model (value 1).",
-            ["arch", "backbone", "weights_hash", "device", "precision", "backend"],
+            "A served model (value 1): its name, version (content hash, short) and how it runs.",
+            [
+                "model",
+                "version",
+                "arch",
+                "backbone",
+                "weights_hash",
+                "device",
+                "precision",
+                "backend",
+            ],
+            registry=r,
+        )
+        self.model_memory = Gauge(
+            "fcn_model_memory_bytes",
+            "Memory a model took when it was loaded (CUDA memory on a GPU, resident memory "
+            "on a CPU).",
+            ["model"],
             registry=r,
         )
         self.gpu_memory: Gauge | None = None
+        self._per_model = (
+            self.queue_wait,
+            self.inference_duration,
+            self.batch_size,
+            self.queue_depth,
+            self.images,
+            self.oom_splits,
+            self.model_memory,
+        )
 
-    def set_model(
-        self,
-        arch: str,
-        backbone: str,
-        weights_hash: str,
-        device: str,
-        precision: str,
-        backend: str,
-    ) -> None:
-        self.model_info.labels(arch, backbone, weights_hash, device, precision, backend).set(1)
+    def for_model(self, name: str) -> ModelMetrics:
+        return ModelMetrics(
+            queue_wait=self.queue_wait.labels(name),
+            inference_duration=self.inference_duration.labels(name),
+            batch_size=self.batch_size.labels(name),
+            queue_depth=self.queue_depth.labels(name),
+            images=self.images.labels(name),
+            oom_splits=self.oom_splits.labels(name),
+        )
+
+    def set_model(self, served: ServedModel, device: str, precision: str, backend: str) -> None:
+        """The info series of a model just installed (the one it replaced is dropped)."""
+        self._clear_info(served.name)
+        meta = served.meta
+        self.model_info.labels(
+            served.name,
+            served.version,
+            meta.arch,
+            meta.backbone,
+            meta.sha256,
+            device,
+            precision,
+            backend,
+        ).set(1)
+        self.model_memory.labels(served.name).set(served.memory_bytes)
+
+    def forget_model(self, name: str) -> None:
+        """An unloaded model's series go: a dashboard should not show it as served."""
+        self._clear_info(name)
+        for metric in self._per_model:
+            with suppress(KeyError):
+                metric.remove(name)
+
+    def _clear_info(self, name: str) -> None:
+        for sample in list(self.model_info.collect()[0].samples):
+            if sample.labels.get("model") == name:
+                with suppress(KeyError):
+                    self.model_info.remove(*sample.labels.values())
 
     def watch_gpu_memory(
         self, allocated: Callable[[], float], reserved: Callable[[], float]

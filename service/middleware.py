@@ -76,6 +76,6 @@ class TelemetryMiddleware:
         finally:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
-            self.metrics.request_duration.labels(endpoint, str(status)).observe(
+            self.metrics.request_duration.labels(endpoint, str(status), context.model).observe(
                 time.perf_counter() - start
             )

@@ -2,7 +2,7 @@
 
 Their class names are the OpenAPI schema names clients see, so they are part of the API.
 ``ClassShare`` is also what ``codecs.summary`` returns: one type from the label count to the
-wire. This module imports pydantic only (the metadata type is for annotations alone).
+wire. This module imports pydantic only (the served model's type is for annotations alone).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field
 
 if TYPE_CHECKING:
-    from fcn_core.weights import WeightsMetadata
+    from service.repository import ServedModel
 
 
 class ClassShare(BaseModel):
@@ -68,13 +68,33 @@ class ModelInfo(BaseModel):
     device: str
     precision: str
     backend: str = Field(description="what runs the network: torch, onnxruntime or openvino")
+    name: str = Field(description="the name it is served under (`?model=`)")
+    version: str = Field(description="the weights' content hash, short (`X-Model-Version`)")
+    ready: bool
+    memory_bytes: int = Field(
+        description="memory it took when loaded: CUDA memory on a GPU, resident memory on a CPU"
+    )
 
     @classmethod
-    def of(cls, meta: WeightsMetadata, device: str, precision: str, backend: str) -> ModelInfo:
+    def of(cls, served: ServedModel) -> ModelInfo:
         # From the metadata's own dict, so no field is copied by hand; keys the schema does
         # not list (at_once, future ones) are ignored rather than served by accident.
-        served = {"device": device, "precision": precision, "backend": backend}
-        return cls.model_validate({**meta.to_dict(), **served})
+        p = served.runner.predictor
+        how = {
+            "device": str(p.device),
+            "precision": p.precision,
+            "backend": p.backend,
+            "name": served.name,
+            "version": served.version,
+            "ready": served.ready,
+            "memory_bytes": served.memory_bytes,
+        }
+        return cls.model_validate({**served.meta.to_dict(), **how})
+
+
+class ModelList(BaseModel):
+    default: str = Field(description="the model of requests that name none")
+    models: list[ModelInfo]
 
 
 class Health(BaseModel):

@@ -36,9 +36,34 @@ class Settings(BaseSettings):
 
     weights: Path = Field(
         DEFAULT_WEIGHTS,
-        description="Weights file to serve. A relative path is looked up in the working "
-        "directory, then in the repository root, then among the shipped weights (a wheel "
-        "install carries them), by file name.",
+        description="One weights file to serve, alone, under its file stem. A relative path "
+        "is looked up in the working directory, then in the repository root, then among the "
+        "shipped weights (a wheel install carries them), by file name. Unset: the models of "
+        "`FCN_MODELS`, else of `FCN_MODEL_REPOSITORY` (the default is then the model of this "
+        "default file, and `--local` runs it).",
+    )
+    models: str = Field(
+        "",
+        description="Comma-separated weights files to serve, each under its file stem or as "
+        "`name=path` (paths looked up as for `FCN_WEIGHTS`); used when `FCN_WEIGHTS` is unset.",
+    )
+    model_repository: str = Field(
+        "",
+        description="A folder whose `*.safetensors` files are served, each under its file "
+        "stem, when neither `FCN_WEIGHTS` nor `FCN_MODELS` is set (empty: the shipped "
+        "weights). Files added, replaced or removed are loaded, swapped or unloaded without "
+        "downtime (see `FCN_REPOSITORY_POLL_S`).",
+    )
+    default_model: str = Field(
+        "",
+        description="The model of requests that name none (empty: the `FCN_WEIGHTS` file's, "
+        "else the shipped default's if served, else the first by name).",
+    )
+    repository_poll_s: float = Field(
+        5.0,
+        ge=0,
+        description="How often the repository folder is checked for changed weights files "
+        "(0: never; `POST /v2/repository/models/{name}/load` still reloads).",
     )
     device: str = Field(
         INFERENCE.device,
@@ -213,13 +238,60 @@ class Settings(BaseSettings):
     def resolved_weights(self) -> Path:
         """The weights path as given if it exists, else under the repository root, else the
         shipped file of that name; as given (for the error message) when none exists."""
-        path = self.weights.expanduser()
+        return self._resolve(self.weights)
+
+    @staticmethod
+    def _resolve(path: Path) -> Path:
+        path = path.expanduser()
         if path.is_absolute() or path.exists():
             return path
         for candidate in (PACKAGE_ROOT / path, default_weights_dir() / path.name):
             if candidate.exists():
                 return candidate
         return path
+
+    def single_weights(self) -> bool:
+        """Whether ``FCN_WEIGHTS`` was set: that file is then the only model."""
+        return "weights" in self.model_fields_set
+
+    def repository_watched(self) -> bool:
+        """The models are a folder's files (neither FCN_WEIGHTS nor FCN_MODELS)."""
+        return not self.single_weights() and not self.models.strip()
+
+    def resolved_repository(self) -> Path | None:
+        if not self.repository_watched():
+            return None
+        folder = Path(self.model_repository).expanduser() if self.model_repository else None
+        return folder or default_weights_dir()
+
+    def model_sources(self) -> dict[str, Path]:
+        """Model name -> weights file, as configured (see ``FCN_WEIGHTS``, ``FCN_MODELS``,
+        ``FCN_MODEL_REPOSITORY``). Raises ``ValueError`` when that names no model."""
+        if self.single_weights():
+            path = self.resolved_weights()
+            return {path.stem: path}
+        if self.models.strip():
+            sources: dict[str, Path] = {}
+            for entry in _split(self.models):
+                name, _, where = entry.rpartition("=")
+                path = self._resolve(Path(where))
+                sources[name or path.stem] = path
+            return sources
+        folder = self.resolved_repository()
+        assert folder is not None
+        if not folder.is_dir():
+            raise ValueError(f"the model repository {folder} is not a folder")
+        return {p.stem: p for p in sorted(folder.glob("*.safetensors"))}
+
+    def resolved_default_model(self, names: list[str]) -> str:
+        if not names:
+            raise ValueError("no models to serve: the repository holds no *.safetensors file")
+        if self.default_model:
+            if self.default_model not in names:
+                raise ValueError(f"FCN_DEFAULT_MODEL {self.default_model!r} is not among {names}")
+            return self.default_model
+        preferred = self.resolved_weights().stem
+        return preferred if preferred in names else sorted(names)[0]
 
     def inference(self) -> InferenceConfig:
         """How to run the model: the fields the inference core shares with --local and bulk.

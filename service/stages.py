@@ -27,6 +27,7 @@ from fcn_core.weights import WeightsMetadata
 from service import codecs
 from service.batcher import DeadlineExceeded, Job, JobResult, ShuttingDown
 from service.context import RequestContext
+from service.repository import ServedModel
 from service.schemas import Segmentation
 from service.state import ServiceState
 
@@ -70,22 +71,28 @@ async def decode(
 
 
 async def predict(
-    request: Request, state: ServiceState, ctx: RequestContext, images: Sequence[Image]
+    request: Request,
+    state: ServiceState,
+    served: ServedModel,
+    ctx: RequestContext,
+    images: Sequence[Image],
 ) -> list[np.ndarray]:
-    """The label maps of ``images`` (at the size the model saw them), in order."""
+    """The label maps of ``images`` (at the size the model saw them) by ``served``, in order."""
     ready, why = state.readiness()
-    if not ready or state.batcher is None:
+    if not ready:
         # Refused as a stopping batcher refuses: 503 with Retry-After (see errors.py).
         raise ShuttingDown(f"not ready: {why}")
+    ctx.model = served.name
+    batcher = served.batcher
     deadline = ctx.arrival + state.settings.request_timeout_s
-    jobs = state.batcher.submit([image.model_input for image in images], deadline)
+    jobs = batcher.submit([image.model_input for image in images], deadline)
     try:
         results = await wait_for_jobs(request, jobs, deadline)
     finally:
         # Whatever ended the wait (an error, the client gone, the deadline, this task
         # cancelled), nothing is left behind: queued jobs are withdrawn before compute.
         if not all(job.future.done() for job in jobs):
-            state.batcher.cancel(jobs)
+            batcher.cancel(jobs)
         release(jobs)
     ctx.record("queue", max(r.queue_s for r in results))
     ctx.record("inference", max(r.infer_s for r in results))

@@ -1,8 +1,9 @@
-"""What one running service holds: settings, metrics, the runner, the batcher, the codec pool.
+"""What one running service holds: settings, metrics, the model repository, the codec pool.
 
 Start-up and shutdown live here (the lifespan calls them in a thread) so that the order is in
-one place: load, place on the device, warm up, start the worker, then report ready; on the
-way out, report not-ready first, then drain the queue within a bound.
+one place: load and warm up every model (``service/repository.py``), then report ready; on the
+way out, report not-ready first, then drain every model's queue within a bound. The default
+model's runner, batcher and metadata are reachable directly, for the routes that serve it.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from torch import nn
 
 from fcn_core.weights import WeightsMetadata
 from service.batcher import DynamicBatcher
-from service.loading import load_served_model
 from service.metrics import Metrics
+from service.repository import ModelRepository, ServedModel
 from service.runner import Runner
 from service.settings import Settings
 
@@ -39,15 +40,34 @@ class ServiceState:
             raise ValueError("pass both model and meta, or neither")
         self.settings = settings
         self.metrics = Metrics()
-        self._model = model
-        self.meta = meta
-        self.runner: Runner | None = None
-        self.batcher: DynamicBatcher | None = None
+        self.repository = ModelRepository(settings, self.metrics)
+        self._given = (model, meta)
         self.codec_pool = ThreadPoolExecutor(
             settings.resolved_codec_threads(), thread_name_prefix="fcn-codec"
         )
         self.ready = False
         self.not_ready_reason = "starting"
+
+    # -- the default model ------------------------------------------------------------------
+
+    @property
+    def default(self) -> ServedModel | None:
+        try:
+            return self.repository.get()
+        except LookupError:
+            return None
+
+    @property
+    def runner(self) -> Runner | None:
+        return self.default.runner if self.default else None
+
+    @property
+    def batcher(self) -> DynamicBatcher | None:
+        return self.default.batcher if self.default else None
+
+    @property
+    def meta(self) -> WeightsMetadata | None:
+        return self.default.meta if self.default else None
 
     @property
     def device(self) -> str:
@@ -61,50 +81,25 @@ class ServiceState:
     def backend(self) -> str:
         return self.runner.predictor.backend if self.runner else self.settings.backend
 
+    # -- lifecycle ----------------------------------------------------------------------------
+
     def start(self) -> None:
-        """Blocking: load, warm up, start the worker, report ready."""
-        s = self.settings
-        if self._model is None:
-            loaded = load_served_model(s)
-            self._model, self.meta = loaded.model, loaded.meta
-        assert self.meta is not None
-        self.runner = Runner(
-            self._model,
-            self.meta.normalization,
-            s.inference(),
-            self.metrics.oom_splits.inc,
-            meta=self.meta,
-        )
-        self.batcher = DynamicBatcher.from_settings(s, self.runner, self.metrics)
-        device = self.runner.device
-        self.metrics.set_model(
-            self.meta.arch,
-            self.meta.backbone,
-            self.meta.sha256,
-            str(device),
-            self.precision,
-            self.backend,
-        )
-        if device.type == "cuda":
+        """Blocking: load and warm up every model, start their workers, report ready."""
+        self.not_ready_reason = "loading and warming up"
+        self.repository.start(*self._given)
+        self._given = (None, None)
+        if torch.cuda.is_available() and self.device.startswith("cuda"):
+            device = torch.device(self.device)
             self.metrics.watch_gpu_memory(
                 lambda: torch.cuda.memory_allocated(device),
                 lambda: torch.cuda.memory_reserved(device),
             )
-        if s.warmup and s.warmup_shapes():
-            self.not_ready_reason = "warming up"
-            seconds = self.runner.warmup(s.warmup_shapes())
-            log.info("warm-up of %s took %.2f s", s.warmup_sizes, seconds)
-        self.batcher.start()
         self.ready = True
         self.not_ready_reason = ""
         log.info(
-            "serving %s/%s (%s) on %s with %s, %s",
-            self.meta.arch,
-            self.meta.backbone,
-            self.meta.sha256[:12],
-            device,
-            self.backend,
-            self.precision,
+            "ready: %s (default %s)",
+            ", ".join(self.repository.names()),
+            self.repository.default_name,
         )
 
     def begin_shutdown(self) -> None:
@@ -113,16 +108,18 @@ class ServiceState:
         self.not_ready_reason = "shutting down"
 
     def stop(self) -> None:
-        """Blocking: drain the queue for up to ``shutdown_timeout_s``, fail the rest."""
+        """Blocking: drain every queue for up to ``shutdown_timeout_s``, fail the rest."""
         self.begin_shutdown()
-        if self.batcher is not None:
-            self.batcher.stop(self.settings.shutdown_timeout_s)
+        self.repository.stop(self.settings.shutdown_timeout_s)
         self.codec_pool.shutdown(wait=False, cancel_futures=True)
 
     def readiness(self) -> tuple[bool, str]:
         if not self.ready:
             return False, self.not_ready_reason
-        if self.batcher is None or not self.batcher.running:
+        default = self.default
+        if default is None:
+            return False, f"the default model {self.repository.default_name!r} is not loaded"
+        if not default.batcher.running:
             return False, "the batch worker is not running"
         return True, ""
 

@@ -149,9 +149,10 @@ def run_server(app: object, startup_timeout: float = 120.0) -> Iterator[LiveServ
             sock.close()
 
 
-def test_settings(default_weights: Path, **overrides: object) -> Settings:
+def test_settings(default_weights: Path | None, **overrides: object) -> Settings:
+    """The tests' settings: ``default_weights`` served alone (None: leave FCN_WEIGHTS unset,
+    for a repository of models)."""
     values: dict[str, object] = {
-        "weights": default_weights,
         "warmup": False,
         "codec_threads": 2,
         "max_queue_delay_ms": 2.0,
@@ -160,6 +161,8 @@ def test_settings(default_weights: Path, **overrides: object) -> Settings:
         # (tests/test_backends.py), as a runtime's arithmetic may flip near-ties.
         "backend": "torch",
     }
+    if default_weights is not None:
+        values["weights"] = default_weights
     values.update(overrides)
     return Settings(**values)
 

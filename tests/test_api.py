@@ -250,7 +250,8 @@ async def test_model_info_serves_evaluations_and_teacher(
 
 def test_model_info_lists_every_served_metadata_field() -> None:
     served = {f.name for f in dataclasses.fields(WeightsMetadata)} - {"at_once"}
-    assert served | {"num_classes", "device", "precision", "backend"} == set(ModelInfo.model_fields)
+    how = {"num_classes", "device", "precision", "backend", "name", "version", "ready"}
+    assert served | how | {"memory_bytes"} == set(ModelInfo.model_fields)
 
 
 async def test_readiness_health_and_metrics(client: httpx.AsyncClient) -> None:

@@ -81,7 +81,7 @@ def run_batcher(
     """Submit images of the given (h, w) at the given offsets (s); returns (job, result)."""
 
     async def main() -> list[tuple[Job, object]]:
-        batcher = DynamicBatcher(predict_fn, Metrics(), **options)  # type: ignore[arg-type]
+        batcher = DynamicBatcher(predict_fn, Metrics().for_model("m"), **options)  # type: ignore[arg-type]
         batcher.start()
         submitted: list[Job] = []
         start = time.monotonic()
@@ -160,7 +160,7 @@ def test_batches_hold_one_bucket_within_the_size_and_pixel_budgets() -> None:
 def test_queue_is_bounded_and_all_or_nothing() -> None:
     async def main() -> None:
         batcher = DynamicBatcher(
-            Recorder([0.5]), Metrics(), max_queue_size=3, max_queue_delay_ms=1000
+            Recorder([0.5]), Metrics().for_model("m"), max_queue_size=3, max_queue_delay_ms=1000
         )
         batcher.start()
         first = batcher.submit([np.zeros((8, 8, 3), np.uint8)] * 2, time.monotonic() + 30)
@@ -220,7 +220,11 @@ def run(device: SerialDevice, images: int, depth: int) -> tuple[list[object], fl
 
     async def main() -> tuple[list[object], float]:
         batcher = DynamicBatcher(
-            device, Metrics(), max_batch_size=2, max_queue_delay_ms=0, pipeline_depth=depth
+            device,
+            Metrics().for_model("m"),
+            max_batch_size=2,
+            max_queue_delay_ms=0,
+            pipeline_depth=depth,
         )
         batcher.start()
         start = time.monotonic()
@@ -278,4 +282,4 @@ def test_a_batch_failing_on_the_device_fails_only_its_own_requests() -> None:
 
 def test_pipeline_depth_must_be_positive() -> None:
     with pytest.raises(ValueError, match="pipeline_depth"):
-        DynamicBatcher(SerialDevice(0.0), Metrics(), pipeline_depth=0)
+        DynamicBatcher(SerialDevice(0.0), Metrics().for_model("m"), pipeline_depth=0)

@@ -50,7 +50,7 @@ def test_percentile_is_nearest_rank() -> None:
 def test_batch_histogram_reads_the_service_metrics() -> None:
     metrics = Metrics()
     for size in (1, 4, 8):
-        metrics.batch_size.observe(size)
+        metrics.batch_size.labels("a" if size < 8 else "b").observe(size)
     assert batch_histogram(metrics.render().decode()) == (13.0, 3.0)
     assert batch_histogram("# nothing here\n") is None
 
