@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-backoff", type=float, default=30.0, help="longest wait between tries (30)"
     )
     remote.add_argument("--timeout", type=float, default=120.0, help="seconds per request (120)")
+    remote.add_argument(
+        "--model", help="the served model to use, by name (GET /v1/models); default: the default"
+    )
     local = p.add_argument_group(
         "in this process, without a server",
         "The FCN_* settings of fcn-serve apply (batching, workers, threads, precision, "
@@ -102,6 +105,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--retries, --backoff and --max-backoff must be >= 0, --timeout > 0")
     if (args.weights or args.device or args.backend) and not args.local:
         p.error("--weights, --device and --backend are for --local; a server uses its own")
+    if args.model and args.local:
+        p.error("--model names a server's model; --local runs --weights")
 
 
 async def _run(args: argparse.Namespace, jobs: list[Job]) -> Summary:
@@ -126,7 +131,8 @@ async def _run(args: argparse.Namespace, jobs: list[Job]) -> Summary:
                 retry=RetryPolicy(args.retries, args.backoff, args.max_backoff),
                 on_retry=count_retry,
                 max_connections=args.concurrency,
-            )
+            ),
+            model=args.model,
         )
     both = args.output == "both"
     kinds = [Output.labels, Output.overlay] if both else [Output(args.output)]

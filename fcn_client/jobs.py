@@ -134,8 +134,9 @@ class Backend(Protocol):
 class RemoteBackend:
     """One request per output kind: the server encodes, so the files are exactly its answers."""
 
-    def __init__(self, client: AsyncSegmentationClient) -> None:
+    def __init__(self, client: AsyncSegmentationClient, model: str | None = None) -> None:
         self.client = client
+        self.model = model  # the server's default when None
 
     def in_flight(self, requested: int) -> int:
         return requested  # the server batches whatever arrives; -j is the user's to choose
@@ -148,7 +149,7 @@ class RemoteBackend:
         for kind in kinds:
             overlay = kind == Output.overlay
             result = await self.client.segment(
-                data, kind, fmt if overlay else None, alpha if overlay else None
+                data, kind, fmt if overlay else None, alpha if overlay else None, self.model
             )
             out[kind] = result.content
         return out

@@ -21,12 +21,14 @@ from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
+from urllib.parse import quote
 
 import httpx
 
 from fcn_client.wire import (
     AUTHORIZATION,
     IMAGE_FIELD,
+    MODEL_PARAM,
     REQUEST_ID,
     RETRY_AFTER,
     SERVER_TIMING,
@@ -132,9 +134,11 @@ def _wire(value: str) -> str:
 
 
 def _query(
-    output: Output | str, fmt: ImageFormat | str | None, alpha: float | None
+    output: Output | str, fmt: ImageFormat | str | None, alpha: float | None, model: str | None
 ) -> dict[str, str]:
     params = {"output": _wire(output)}
+    if model is not None:
+        params[MODEL_PARAM] = model
     if fmt is not None:
         params["format"] = _wire(fmt)
     if alpha is not None:
@@ -199,9 +203,15 @@ class AsyncSegmentationClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def model(self) -> dict[str, Any]:
-        """``GET /v1/model``: architecture, classes, palette, metrics, weights hash."""
-        return (await self._send("GET", "/v1/model")).json()
+    async def model(self, name: str | None = None) -> dict[str, Any]:
+        """``GET /v1/model`` (the default) or ``/v1/models/{name}``: architecture, classes,
+        palette, metrics, weights hash, version."""
+        path = "/v1/model" if name is None else f"/v1/models/{quote(name, safe='')}"
+        return (await self._send("GET", path)).json()
+
+    async def models(self) -> dict[str, Any]:
+        """``GET /v1/models``: every served model, and which one is the default."""
+        return (await self._send("GET", "/v1/models")).json()
 
     async def segment(
         self,
@@ -209,16 +219,18 @@ class AsyncSegmentationClient:
         output: Output | str = Output.labels,
         fmt: ImageFormat | str | None = None,
         alpha: float | None = None,
+        model: str | None = None,
     ) -> SegmentResult:
         """``POST /segment``: one image (its bytes, or a file) -> the answer as ``output``
-        (label PNG, overlay in ``fmt`` with colour weight ``alpha``, or JSON); the server's
-        defaults for whatever is None. Raises ``SegmentationError`` once retries are spent."""
+        (label PNG, overlay in ``fmt`` with colour weight ``alpha``, or JSON) by the model
+        named ``model``; the server's defaults for whatever is None. Raises
+        ``SegmentationError`` once retries are spent."""
         data, name = _image_bytes(image)
         return _result(
             *await self._send_counted(
                 "POST",
                 "/segment",
-                params=_query(output, fmt, alpha),
+                params=_query(output, fmt, alpha, model),
                 files={IMAGE_FIELD: (name, data, "application/octet-stream")},
             )
         )
@@ -296,4 +308,5 @@ class SegmentationClient:
             self._loop.close()
 
     model = _blocking(AsyncSegmentationClient.model)
+    models = _blocking(AsyncSegmentationClient.models)
     segment = _blocking(AsyncSegmentationClient.segment)

@@ -41,6 +41,7 @@ Meta = Annotated[WeightsMetadata, Depends(served_meta)]
 
 def served_model(
     state: State,
+    ctx: Context,
     model: Annotated[
         str | None, Query(description="the model's name (GET /v1/models); default: the default")
     ] = None,
@@ -51,6 +52,7 @@ def served_model(
     if not ready:
         raise unavailable(f"not ready: {why}")
     with state.repository.lease(model) as served:
+        ctx.model = served.name  # the model label of this request's metrics, refused or not
         yield served
 
 

@@ -258,3 +258,55 @@ def test_page_explains_bad_uploads(browser: object, server: str) -> None:
     assert message.is_visible()
     assert str(MAX_BODY_BYTES) in message.inner_text()
     page.close()
+
+
+def test_the_model_picker_segments_with_the_chosen_model(
+    browser: object, service_weights: Path, tmp_path: Path
+) -> None:
+    """Two models (the test CamVid model and the shipped 21-class VOC one): the picker lists
+    both, describes the chosen one, and its legend is that model's answer for the photo."""
+    voc = REPO / "weights" / "fcn8s-lite0-voc.safetensors"
+    if not PHOTO.is_file() or not voc.is_file():
+        pytest.skip("needs the demo photo and the shipped VOC weights")
+    exe = shutil.which("fcn-serve")
+    port = free_port()
+    cmd = [exe] if exe else [sys.executable, "-m", "service"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FCN_")}
+    env |= {
+        "FCN_MODELS": f"street={service_weights},voc={voc}",
+        "FCN_DEFAULT_MODEL": "street",
+        "FCN_WARMUP": "false",
+        "FCN_DEVICE": "cpu",
+        "FCN_BACKEND": "torch",
+    }
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for_http(f"{url}/readyz", 120, proc=proc, output=log_path.read_text)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})  # type: ignore[attr-defined]
+            page.goto(url + "/")
+            page.wait_for_function(
+                "() => document.getElementById('model-picker').options.length == 2"
+            )
+            assert page.locator("#model-picker").input_value() == "street"
+            assert "11 classes" in page.locator("#model-info").inner_text()
+            page.select_option("#model-picker", "voc")
+            assert "21 classes" in page.locator("#model-info").inner_text()
+            page.set_input_files("#file", str(PHOTO))
+            page.wait_for_selector("body[data-state=done]", timeout=WAIT_MS)
+            expected = httpx.post(
+                f"{url}/segment",
+                params={"output": "json", "model": "voc"},
+                files={"image": (PHOTO.name, PHOTO.read_bytes())},
+                timeout=120,
+            ).json()
+            names = page.locator("#legend tbody tr td:nth-child(2)").all_inner_texts()
+            assert names == [c["name"] for c in expected["classes"]]
+            assert "dog" in names  # a VOC class: the legend is the chosen model's
+            screenshot(page, "model-picker.png")
+        finally:
+            proc.terminate()
+            proc.wait(30)

@@ -248,3 +248,30 @@ def wait_for(condition, timeout_s: float = 60.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def test_fcn_segment_and_the_sdk_name_the_model(
+    tmp_path: Path, variants: dict[str, Path], photo: bytes, labels_of: dict[str, np.ndarray]
+) -> None:
+    from fcn_client.cli import main
+    from fcn_client.sdk import SegmentationClient
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("v0", "v1"):
+        shutil.copy(variants[name], repo / f"{name}.safetensors")
+    image = tmp_path / "photo.png"
+    image.write_bytes(photo)
+    with serve_folder(repo, repository_poll_s=0, default_model="v0") as live:
+        out = tmp_path / "out"
+        argv = [str(image), "--server", live.url, "--model", "v1", "-o", str(out)]
+        assert main([*argv, "--no-progress"]) == 0
+        v1 = load_weights(variants["v1"]).meta.sha256[:12]
+        np.testing.assert_array_equal(
+            labels_from_png((out / "photo.png").read_bytes())[0], labels_of[v1]
+        )
+        with SegmentationClient(live.url) as client:
+            assert client.models()["default"] == "v0"
+            assert client.model("v1")["version"] == v1
+            answer = client.segment(photo, model="v1")
+            np.testing.assert_array_equal(labels_from_png(answer.content)[0], labels_of[v1])

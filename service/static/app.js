@@ -7,7 +7,9 @@ const KEY_STORAGE = "fcn.apiKey";
 const $ = (id) => document.getElementById(id);
 
 const state = {
-  model: null,       // GET /v1/model
+  model: null,       // the chosen model, as GET /v1/models describes it
+  models: [],        // every served model
+  file: null,        // the last picture, segmented again when another model is chosen
   photo: null,       // ImageBitmap of the picture as the browser decoded it (null if it can't)
   labels: null,      // ImageBitmap of the colour label map (palette PNG from the server)
   controller: null,  // AbortController of the request in flight
@@ -118,7 +120,7 @@ function showTiming(metrics, roundTripMs, requestId) {
 async function loadModel() {
   let response;
   try {
-    response = await fetch("/v1/model", { headers: authHeaders() });
+    response = await fetch("/v1/models", { headers: authHeaders() });
   } catch (err) {
     $("model-info").textContent = `Could not reach the server (${err.message}).`;
     return;
@@ -129,8 +131,23 @@ async function loadModel() {
     if (response.status === 401) $("key-box").open = true;
     return;
   }
-  state.model = await response.json();
-  $("model-info").textContent = describeModel(state.model);
+  const listing = await response.json();
+  state.models = listing.models;
+  const picker = $("model-picker");
+  const chosen = (state.model && state.model.name) || listing.default;
+  picker.replaceChildren(...state.models.map((m) => {
+    const option = document.createElement("option");
+    option.value = m.name;
+    option.textContent = `${m.name} (${m.num_classes} classes)`;
+    return option;
+  }));
+  picker.value = state.models.some((m) => m.name === chosen) ? chosen : listing.default;
+  chooseModel(picker.value);
+}
+
+function chooseModel(name) {
+  state.model = state.models.find((m) => m.name === name) || null;
+  $("model-info").textContent = state.model ? describeModel(state.model) : "";
 }
 
 function describeModel(m) {
@@ -152,6 +169,7 @@ function classColour(index) {
 
 async function segment(file) {
   if (!file) return;
+  state.file = file;
   if (state.controller) state.controller.abort();
   const controller = new AbortController();
   state.controller = controller;
@@ -164,7 +182,8 @@ async function segment(file) {
   const started = performance.now();
   let response;
   try {
-    response = await fetch("/segment?output=json", {
+    const model = state.model ? `&model=${encodeURIComponent(state.model.name)}` : "";
+    response = await fetch(`/segment?output=json${model}`, {
       method: "POST", body: form, headers: authHeaders(), signal: controller.signal,
     });
   } catch (err) {
@@ -304,6 +323,10 @@ function wire() {
     if (file) segment(file);
   });
 
+  $("model-picker").addEventListener("change", (e) => {
+    chooseModel(e.target.value);
+    if (state.file) segment(state.file);  // the same picture, by the model just chosen
+  });
   $("alpha").addEventListener("input", () => { syncAlpha(); draw(); });
   for (const radio of document.querySelectorAll('input[name="view"]')) {
     radio.addEventListener("change", () => { syncAlpha(); draw(); });
