@@ -157,11 +157,17 @@ class ModelRepository:
         as ``name``, beside any model of that name, then swap. Raises ``WeightsError``,
         ``FileNotFoundError`` or ``ValueError`` and changes nothing if it cannot load."""
         with self._loading:
-            path = path or self._path_of(name)
-            if not path.is_file():
-                raise WeightsError(f"{path}: no such weights file")
-            loaded = load_model_file(path)
-            served = self._build(name, path, loaded.model, loaded.meta)
+            try:
+                path = path or self._path_of(name)
+                if not path.is_file():
+                    raise WeightsError(f"{path}: no such weights file")
+                loaded = load_model_file(path)
+                served = self._build(name, path, loaded.model, loaded.meta)
+            except Exception as exc:
+                current = self._models.get(name)
+                keeps = f"; {name} {current.version} keeps serving" if current else ""
+                log.error("model %s not loaded from %s: %s%s", name, path, exc, keeps)
+                raise
             self._install(served)
             return served
 
@@ -257,9 +263,8 @@ class ModelRepository:
                 try:
                     self.load(name, path)
                     self._failed.pop(name, None)
-                except Exception as exc:  # a file caught half-written, or broken
+                except Exception:  # a file caught half-written, or broken: load() logged it
                     self._failed[name] = stamp  # tried again once the file changes
-                    log.error("repository: %s (%s) not loaded: %s", name, path, exc)
         for name in set(current) - set(wanted):
             with suppress(UnknownModel):  # unloaded meanwhile
                 self.unload(name)

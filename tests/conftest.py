@@ -40,28 +40,32 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEMO_PHOTOS = SHARED_DATA / "demo-photos"
 
 
-@pytest.fixture(scope="session")
-def service_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained Lite0 FCN-8s for CamVid's 11 classes, score layers randomised so that its
-    label maps are not all zeros (the paper zero-initialises them)."""
-    torch.manual_seed(0)
+def make_test_weights(path: Path, seed: int = 0, std: float = 0.05, note: str = "") -> Path:
+    """An untrained Lite0 FCN-8s for CamVid's 11 classes, score layers drawn at random (by
+    ``seed``) so that its label maps are not all zeros (the paper zero-initialises them) and
+    two seeds label a photo differently."""
+    torch.manual_seed(seed)
     model = build_model("fcn8s", len(CAMVID_CLASSES), "efficientnet_lite0")
     for name, module in model.named_modules():
         if name.startswith("score"):
-            torch.nn.init.normal_(module.weight, std=0.05)
+            torch.nn.init.normal_(module.weight, std=std)
     meta = WeightsMetadata(
         arch="fcn8s",
         backbone="efficientnet_lite0",
         class_names=list(CAMVID_CLASSES),
         palette=[list(c) for c in CAMVID_PALETTE],
         normalization=HALF_RGB,
-        dataset="none (service tests)",
+        dataset=f"none ({note or 'service tests'})",
         metrics={"mean_iu": 0.0},
         metrics_split="none",
     )
-    path = tmp_path_factory.mktemp("weights") / "test-fcn8s-lite0.safetensors"
     save_weights(path, model, meta)
     return path
+
+
+@pytest.fixture(scope="session")
+def service_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_test_weights(tmp_path_factory.mktemp("weights") / "test-fcn8s-lite0.safetensors")
 
 
 @pytest.fixture(scope="session")

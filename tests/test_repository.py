@@ -17,40 +17,22 @@ import pytest
 import torch
 from PIL import Image
 
-from fcn_core.data.palettes import CAMVID_CLASSES, CAMVID_PALETTE
-from fcn_core.models import build_model
-from fcn_core.preprocess import HALF_RGB
-from fcn_core.weights import WeightsMetadata, load_weights, save_weights
+from fcn_core.weights import load_weights
 from service.app import create_app
-from tests.conftest import encode, labels_from_png, run_server, test_settings
+from tests.conftest import encode, labels_from_png, make_test_weights, run_server, test_settings
 
 SIZE = (48, 64)  # (h, w): small real-photo crops keep the CPU passes short
-
-
-def make_weights(path: Path, seed: int) -> Path:
-    """An untrained Lite0 FCN-8s whose random score layers (by ``seed``) make its labels its
-    own: two seeds give different label maps on the same photo."""
-    torch.manual_seed(seed)
-    model = build_model("fcn8s", len(CAMVID_CLASSES), "efficientnet_lite0")
-    for name, module in model.named_modules():
-        if name.startswith("score"):
-            torch.nn.init.normal_(module.weight, std=0.5)
-    meta = WeightsMetadata(
-        arch="fcn8s",
-        backbone="efficientnet_lite0",
-        class_names=list(CAMVID_CLASSES),
-        palette=[list(c) for c in CAMVID_PALETTE],
-        normalization=HALF_RGB,
-        dataset=f"none (repository tests, seed {seed})",
-    )
-    save_weights(path, model, meta)
-    return path
 
 
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("variants")
-    return {f"v{seed}": make_weights(folder / f"v{seed}.safetensors", seed) for seed in range(4)}
+    return {
+        f"v{seed}": make_test_weights(
+            folder / f"v{seed}.safetensors", seed, std=0.5, note=f"repository tests, seed {seed}"
+        )
+        for seed in range(4)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +196,8 @@ def test_a_broken_file_leaves_the_old_model_serving_and_says_why(
         (tmp_path / "m.safetensors").write_bytes(b"not a safetensors file")
         refused = live.client.post("/v2/repository/models/m/load", headers=auth)
         assert refused.status_code == 400 and "not loaded" in refused.json()["error"]
+        assert f"model m not loaded from {tmp_path / 'm.safetensors'}" in caplog.text
+        assert f"m {before} keeps serving" in caplog.text
         assert live.client.post("/v2/repository/models/m/load").status_code == 401  # the key
         ok = live.client.post(
             "/segment", params={"model": "m"}, headers=auth, files={"image": ("p", photo)}
