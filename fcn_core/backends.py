@@ -116,7 +116,8 @@ class OnnxRuntimeNetwork:
 
 class OpenVinoNetwork:
     """OpenVINO on the CPU: the pool's compiled model has one stream per worker (each call on
-    one core), a lone image's is latency-tuned over every core. Infer requests are per thread."""
+    one core), a lone image's is latency-tuned over every core. Infer requests are per thread
+    (a thread's request is used by that thread alone)."""
 
     name = "openvino"
 
@@ -142,16 +143,24 @@ class OpenVinoNetwork:
             "CPU",
             {**common, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": cores},
         )
-        self._requests = threading.local()
+        # One infer request per (compiled model, thread), owned here rather than in the
+        # threads' own storage: a pool thread that outlives this network would otherwise
+        # destroy its requests after their compiled model was freed, which crashes.
+        self._requests: dict[tuple[int, int], object] = {}
+        self._lock = threading.Lock()
 
     def __call__(self, x: torch.Tensor, threads: int) -> torch.Tensor:
         compiled = self._pool if threads <= 1 else self._lone
-        requests = self._requests.__dict__
-        request = requests.get(id(compiled))
-        if request is None:
-            request = requests[id(compiled)] = compiled.create_infer_request()
-        result = request.infer({0: x.numpy()})
+        key = (id(compiled), threading.get_ident())
+        with self._lock:
+            request = self._requests.get(key)
+            if request is None:
+                request = self._requests[key] = compiled.create_infer_request()
+        result = request.infer({0: x.numpy()})  # type: ignore[attr-defined]
         return torch.from_numpy(np.array(result[0]))  # a copy: the request reuses its output
+
+    def __del__(self) -> None:
+        self._requests.clear()  # the requests first, then the compiled models they run on
 
 
 NEEDS: dict[str, tuple[str, ...]] = {
