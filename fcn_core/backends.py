@@ -74,8 +74,8 @@ class TorchNetwork:
     def __call__(self, x: torch.Tensor, threads: int) -> torch.Tensor:
         if self.device.type == "cpu" and threads and torch.get_num_threads() != threads:
             # The count is per thread, but setting it also rebuilds a process-wide thread
-            # pool (pthreadpool): two threads setting it at once corrupt the heap, so one at
-            # a time (the pool's threads all set theirs on their first image).
+            # pool (pthreadpool), which is not safe from two threads at once: one at a time
+            # (the CPU pool's threads all set theirs on their first image).
             with _SET_THREADS:
                 torch.set_num_threads(threads)
         return self.module(x)
