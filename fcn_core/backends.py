@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fcn_core.export import INPUT, OUTPUT
 from fcn_core.weights import LoadedWeights, WeightsMetadata
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,6 @@ class OnnxRuntimeNetwork:
             return self._sessions[threads]
 
     def __call__(self, x: torch.Tensor, threads: int) -> torch.Tensor:
-        from fcn_core.export import INPUT, OUTPUT
-
         (logits,) = self.session(max(1, threads)).run([OUTPUT], {INPUT: x.numpy()})
         return torch.from_numpy(logits)
 

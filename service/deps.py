@@ -1,8 +1,8 @@
 """The typed dependencies the routes share: the service state, the request's context, the
-served metadata, the API-key check, and the error responses protected routes document.
+model a request names, the API-key check, and the error responses protected routes document.
 
-``Annotated`` aliases (``State``, ``Context``, ``Meta``) so a route states what it needs in
-its signature; none of them reads a parameter, so the OpenAPI schema is not touched.
+``Annotated`` aliases (``State``, ``Context``, ``Served``) so a route states what it needs in
+its signature; only ``Served`` reads a parameter (``?model=``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Annotated, Any
 from fastapi import Depends, Query, Request
 
 from fcn_client.wire import AUTHORIZATION
-from fcn_core.weights import WeightsMetadata
 from service.context import RequestContext, request_context
 from service.errors import ServiceError, unavailable
 from service.repository import ServedModel
@@ -28,15 +27,6 @@ def service_state(request: Request) -> ServiceState:
 
 State = Annotated[ServiceState, Depends(service_state)]
 Context = Annotated[RequestContext, Depends(request_context)]
-
-
-def served_meta(state: State) -> WeightsMetadata:
-    if state.meta is None:
-        raise unavailable("the model is not loaded yet", reason=None)
-    return state.meta
-
-
-Meta = Annotated[WeightsMetadata, Depends(served_meta)]
 
 
 def served_model(

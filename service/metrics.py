@@ -161,19 +161,19 @@ class Metrics:
             oom_splits=self.oom_splits.labels(name),
         )
 
-    def set_model(self, served: ServedModel, device: str, precision: str, backend: str) -> None:
+    def set_model(self, served: ServedModel) -> None:
         """The info series of a model just installed (the one it replaced is dropped)."""
         self._clear_info(served.name)
-        meta = served.meta
+        meta, p = served.meta, served.runner.predictor
         self.model_info.labels(
             served.name,
             served.version,
             meta.arch,
             meta.backbone,
             meta.sha256,
-            device,
-            precision,
-            backend,
+            str(p.device),
+            p.precision,
+            p.backend,
         ).set(1)
         self.model_memory.labels(served.name).set(served.memory_bytes)
 

@@ -197,10 +197,11 @@ class ModelRepository:
         self, name: str, path: Path | None, model: nn.Module, meta: WeightsMetadata
     ) -> ServedModel:
         s = self.settings
-        device_memory = _device_memory(s.inference().device)
+        config = s.inference()
+        device_memory = _device_memory(config.device)
         before = device_memory() if device_memory else resident_bytes()
         metrics = self.metrics.for_model(name)
-        runner = Runner(model, meta.normalization, s.inference(), metrics.oom_splits.inc, meta=meta)
+        runner = Runner(model, meta.normalization, config, metrics.oom_splits.inc, meta=meta)
         batcher = DynamicBatcher.from_settings(s, runner, metrics)
         if s.warmup and s.warmup_shapes():
             seconds = runner.warmup(s.warmup_shapes())
@@ -221,8 +222,8 @@ class ModelRepository:
         with self._lock:
             old = self._models.get(served.name)
             self._models[served.name] = served  # new requests take this one from now on
+        self.metrics.set_model(served)
         p = served.runner.predictor
-        self.metrics.set_model(served, str(p.device), p.precision, p.backend)
         log.info(
             "serving %s = %s/%s (%s) on %s with %s, %s%s",
             served.name,

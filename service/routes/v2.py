@@ -19,7 +19,7 @@ from service import __version__, codecs, protocol
 from service.deps import ERROR_RESPONSES, Context, State, require_api_key
 from service.errors import ServiceError
 from service.repository import ServedModel
-from service.stages import decode, encode, predict
+from service.stages import decode, decode_pixels, encode, predict
 from service.uploads import read_body
 
 health = APIRouter(prefix="/v2", tags=["open inference protocol"])
@@ -52,10 +52,15 @@ async def ready(state: State) -> Response:
 
 
 def _model(state: State, name: str, version: str | None = None) -> ServedModel:
-    served = state.repository.get(name)
+    return check_version(state.repository.get(name), version)
+
+
+def check_version(served: ServedModel, version: str | None) -> ServedModel:
     if version is not None and version != served.version:
         raise ServiceError(
-            404, f"model {name!r} has version {served.version}, not {version!r}", "unknown_model"
+            404,
+            f"model {served.name!r} has version {served.version}, not {version!r}",
+            "unknown_model",
         )
     return served
 
@@ -84,8 +89,7 @@ async def infer(
 ) -> Response:
     s = state.settings
     with state.repository.lease(name) as served:
-        if version is not None:
-            _model(state, name, version)
+        check_version(served, version)  # the leased model's, not a newer one's
         with ctx.timed("read"):
             body = await read_body(request, s.max_body_bytes)
         parsed = protocol.parse_request(body, request.headers.get(protocol.HEADER_LENGTH))
@@ -97,12 +101,7 @@ async def infer(
         if kind == protocol.IMAGES:
             images = await decode(state, ctx, items, need_pixels=False)  # type: ignore[arg-type]
         else:
-            images = await encode(
-                state,
-                ctx,
-                codecs.from_pixels,
-                [(a, s.max_image_pixels, s.max_side) for a in items],
-            )
+            images = await decode_pixels(state, ctx, items)  # type: ignore[arg-type]
         labels = await predict(request, state, served, ctx, images)
         full = await encode(
             state,
