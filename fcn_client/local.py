@@ -108,6 +108,30 @@ class BatchWindow:
             self._launch_if_ready()
 
 
+def load_local(
+    weights: str | Path | None = None,
+    device: str | None = None,
+    backend: str | None = None,
+) -> tuple[Settings, LoadedWeights]:
+    """The settings ``fcn-serve`` would read from this environment, with these overrides, and
+    the model they name. Raises ``LocalSetupError`` saying what is wrong."""
+    overrides: dict[str, Any] = {}
+    if weights:
+        overrides["weights"] = Path(weights)
+    if device:
+        overrides["device"] = device
+    if backend:
+        overrides["backend"] = backend
+    try:
+        settings = Settings(**overrides)
+        return settings, load_served_model(settings)
+    except (ValueError, WeightsError, RuntimeError) as exc:
+        # ValueError: bad settings (pydantic's ValidationError is one), a backend that
+        # cannot run here; RuntimeError: a device that is not there, a compile or
+        # warm-up that fails.
+        raise LocalSetupError(f"--local: {exc}") from exc
+
+
 def server_render() -> Callable[..., bytes]:
     """The server's encoder as bytes: label PNG, overlay or JSON, exactly as it answers.
 
@@ -162,21 +186,7 @@ class LocalBackend:
         backend: str | None = None,
     ) -> LocalBackend:
         """The backend ``fcn-serve`` would be, given this environment and these overrides."""
-        overrides: dict[str, Any] = {}
-        if weights:
-            overrides["weights"] = Path(weights)
-        if device:
-            overrides["device"] = device
-        if backend:
-            overrides["backend"] = backend
-        try:
-            settings = Settings(**overrides)
-            return cls(settings, load_served_model(settings))
-        except (ValueError, WeightsError, RuntimeError) as exc:
-            # ValueError: bad settings (pydantic's ValidationError is one), a backend that
-            # cannot run here; RuntimeError: a device that is not there, a compile or
-            # warm-up that fails.
-            raise LocalSetupError(f"--local: {exc}") from exc
+        return cls(*load_local(weights, device, backend))
 
     def in_flight(self, requested: int) -> int:
         """Two batches' worth at least: one computing while the next reads and decodes."""

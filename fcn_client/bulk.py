@@ -1,0 +1,126 @@
+"""Bulk segmentation: many encoded images in, the server's answers out, in this process.
+
+This module owns the synchronous, batch-at-a-time core that offline engines call: Ray Data's
+``map_batches`` (``fcn_client.ray_data``), Spark's ``predict_batch_udf`` and Beam's
+``RunInference`` (``fcn_client.engines``) and ``fcn-segment-bulk``. Everything that decides
+the bytes is the server's own, as for ``fcn-segment --local`` (``fcn_client.local``): the
+``FCN_*`` settings, the model and its inference config, ``service.codecs`` for decoding,
+the label PNG and the class shares. So a label PNG written here is byte-identical to what
+``POST /segment?output=labels`` answers for the same file under the same settings.
+
+Images of mixed sizes are what these engines' stock batch helpers fail on (they stack
+tensors); here a batch is grouped by size bucket (``Segmenter.segment``) and each image comes
+back at its own size. A file that cannot be decoded gives a result with ``error`` set and no
+label map; its batch-mates are unaffected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fcn_client.local import load_local
+from fcn_core.inference import Segmenter
+from fcn_core.weights import LoadedWeights
+from service import codecs
+from service.settings import Settings
+
+
+@dataclass(frozen=True)
+class BulkResult:
+    """One image's answer: its label map (H x W uint8 at the original size) and the classes
+    present, or ``error`` ("<HTTP status>: <what is wrong>", as the server would answer)."""
+
+    labels: np.ndarray | None
+    classes: list[codecs.ClassShare]
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class BulkSegmenter:
+    """Encoded images (or RGB arrays) -> :class:`BulkResult`, a batch at a time.
+
+    Not thread-safe: one caller at a time (an engine's worker or actor holds one each).
+    """
+
+    def __init__(self, settings: Settings, loaded: LoadedWeights) -> None:
+        self.settings = settings
+        self.meta = loaded.meta
+        self.segmenter = Segmenter(
+            loaded.model, loaded.meta.normalization, settings.inference(), loaded.meta
+        )
+        self._codecs = ThreadPoolExecutor(
+            settings.resolved_codec_threads(), thread_name_prefix="fcn-codec"
+        )
+
+    @classmethod
+    def from_environment(
+        cls,
+        weights: str | Path | None = None,
+        device: str | None = None,
+        backend: str | None = None,
+    ) -> BulkSegmenter:
+        """What ``fcn-serve`` would run, given this environment and these overrides."""
+        return cls(*load_local(weights, device, backend))
+
+    def segment(self, blobs: Sequence[bytes]) -> list[BulkResult]:
+        """Encoded images (JPEG, PNG, ...) -> their results, in order."""
+        s = self.settings
+        return self._segment(
+            list(
+                self._codecs.map(
+                    lambda b: _attempt(codecs.decode, b, s.max_image_pixels, s.max_side), blobs
+                )
+            )
+        )
+
+    def segment_arrays(self, arrays: Sequence[np.ndarray]) -> list[BulkResult]:
+        """H x W x 3 uint8 arrays (``ray.data.read_images`` rows) -> their results, in order."""
+        s = self.settings
+        return self._segment(
+            [
+                _attempt(
+                    codecs.from_pixels, np.asarray(a, np.uint8), s.max_image_pixels, s.max_side
+                )
+                for a in arrays
+            ]
+        )
+
+    def png(self, result: BulkResult) -> bytes:
+        """The label PNG of a successful result: the server's ``output=labels`` bytes."""
+        if result.labels is None:
+            raise ValueError(f"no label map: {result.error}")
+        return codecs.labels_png(result.labels, self.meta.palette)
+
+    def _segment(self, decoded: list[codecs.DecodedImage | str]) -> list[BulkResult]:
+        """Decoded images through the model, batched by size bucket; errors passed through."""
+        images = [d for d in decoded if isinstance(d, codecs.DecodedImage)]
+        labels = iter(self.segmenter.segment([d.model_input for d in images]))
+        results = []
+        for d in decoded:
+            if isinstance(d, str):
+                results.append(BulkResult(None, [], error=d))
+                continue
+            full = codecs.restore_size(next(labels), d.size)
+            results.append(BulkResult(full, codecs.summary(full, self.meta.class_names)))
+        return results
+
+    def close(self) -> None:
+        self._codecs.shutdown(wait=False, cancel_futures=True)
+
+
+def _attempt(
+    decode: Callable[..., codecs.DecodedImage], *args: object
+) -> codecs.DecodedImage | str:
+    """``decode(*args)``, or the error as the server would word it."""
+    try:
+        return decode(*args)
+    except codecs.CodecError as exc:
+        return f"{exc.status}: {exc.detail}"
