@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fcn_client.local import load_local
+from fcn_client.local import build_local
 from fcn_core.inference import Segmenter
 from fcn_core.weights import LoadedWeights
 from service import codecs
@@ -68,7 +68,7 @@ class BulkSegmenter:
         backend: str | None = None,
     ) -> BulkSegmenter:
         """What ``fcn-serve`` would run, given this environment and these overrides."""
-        return cls(*load_local(weights, device, backend))
+        return build_local(cls, weights, device, backend)
 
     def segment(self, blobs: Sequence[bytes]) -> list[BulkResult]:
         """Encoded images (JPEG, PNG, ...) -> their results, in order."""

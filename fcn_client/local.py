@@ -108,13 +108,15 @@ class BatchWindow:
             self._launch_if_ready()
 
 
-def load_local(
+def build_local(
+    build: Callable[[Settings, LoadedWeights], T],
     weights: str | Path | None = None,
     device: str | None = None,
     backend: str | None = None,
-) -> tuple[Settings, LoadedWeights]:
-    """The settings ``fcn-serve`` would read from this environment, with these overrides, and
-    the model they name. Raises ``LocalSetupError`` saying what is wrong."""
+) -> T:
+    """``build(settings, model)`` with the settings ``fcn-serve`` would read from this
+    environment (with these overrides) and the model they name. Raises ``LocalSetupError``
+    saying what is wrong."""
     overrides: dict[str, Any] = {}
     if weights:
         overrides["weights"] = Path(weights)
@@ -124,7 +126,7 @@ def load_local(
         overrides["backend"] = backend
     try:
         settings = Settings(**overrides)
-        return settings, load_served_model(settings)
+        return build(settings, load_served_model(settings))
     except (ValueError, WeightsError, RuntimeError) as exc:
         # ValueError: bad settings (pydantic's ValidationError is one), a backend that
         # cannot run here; RuntimeError: a device that is not there, a compile or
@@ -186,7 +188,7 @@ class LocalBackend:
         backend: str | None = None,
     ) -> LocalBackend:
         """The backend ``fcn-serve`` would be, given this environment and these overrides."""
-        return cls(*load_local(weights, device, backend))
+        return build_local(cls, weights, device, backend)
 
     def in_flight(self, requested: int) -> int:
         """Two batches' worth at least: one computing while the next reads and decodes."""
