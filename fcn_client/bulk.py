@@ -10,7 +10,8 @@ the label PNG and the class shares. So a label PNG written here is byte-identica
 
 Images of mixed sizes are what these engines' stock batch helpers fail on (they stack
 tensors); here a batch is grouped by size bucket (``Segmenter.segment``) and each image comes
-back at its own size. A file that cannot be decoded gives a result with ``error`` set and no
+back at its own size; an image too large for one pass is cut into tiles as the server cuts
+it (``FCN_TILE``). A file that cannot be decoded gives a result with ``error`` set and no
 label map; its batch-mates are unaffected.
 """
 
@@ -53,6 +54,7 @@ class BulkSegmenter:
     def __init__(self, settings: Settings, loaded: LoadedWeights) -> None:
         self.settings = settings
         self.meta = loaded.meta
+        self.tiling = settings.tile_policy()
         self.segmenter = Segmenter(
             loaded.model, loaded.meta.normalization, settings.inference(), loaded.meta
         )
@@ -76,7 +78,10 @@ class BulkSegmenter:
         return self._segment(
             list(
                 self._codecs.map(
-                    lambda b: _attempt(codecs.decode, b, s.max_image_pixels, s.max_side), blobs
+                    lambda b: _attempt(
+                        codecs.decode, b, s.max_image_pixels, s.max_side, self.tiling
+                    ),
+                    blobs,
                 )
             )
         )
@@ -87,7 +92,11 @@ class BulkSegmenter:
         return self._segment(
             [
                 _attempt(
-                    codecs.from_pixels, np.asarray(a, np.uint8), s.max_image_pixels, s.max_side
+                    codecs.from_pixels,
+                    np.asarray(a, np.uint8),
+                    s.max_image_pixels,
+                    s.max_side,
+                    self.tiling,
                 )
                 for a in arrays
             ]
@@ -100,17 +109,26 @@ class BulkSegmenter:
         return codecs.labels_png(result.labels, self.meta.palette)
 
     def _segment(self, decoded: list[codecs.DecodedImage | str]) -> list[BulkResult]:
-        """Decoded images through the model, batched by size bucket; errors passed through."""
+        """Decoded images through the model, batched by size bucket, or one at a time in
+        tiles where the tiling says so (as the server does); errors passed through."""
         images = [d for d in decoded if isinstance(d, codecs.DecodedImage)]
-        labels = iter(self.segmenter.segment([d.model_input for d in images]))
+        whole = [d.model_input for d in images if not self._tiled(d)]
+        labels = iter(self.segmenter.segment(whole))
         results = []
         for d in decoded:
             if isinstance(d, str):
                 results.append(BulkResult(None, [], error=d))
                 continue
-            full = codecs.restore_size(next(labels), d.size)
+            if self._tiled(d):
+                lab = self.segmenter.segment_tiled(d.model_input, self.tiling)
+            else:
+                lab = next(labels)
+            full = codecs.restore_size(lab, d.size)
             results.append(BulkResult(full, codecs.summary(full, self.meta.class_names)))
         return results
+
+    def _tiled(self, image: codecs.DecodedImage) -> bool:
+        return self.tiling.tiles(*image.model_input.shape[:2], self.settings.max_side)
 
     def close(self) -> None:
         self._codecs.shutdown(wait=False, cancel_futures=True)

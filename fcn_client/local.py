@@ -161,6 +161,7 @@ class LocalBackend:
     def __init__(self, settings: Settings, loaded: LoadedWeights) -> None:
         self.settings = settings
         self.meta = loaded.meta
+        self.tiling = settings.tile_policy()
         self.segmenter = Segmenter(
             loaded.model, loaded.meta.normalization, settings.inference(), loaded.meta
         )
@@ -204,7 +205,13 @@ class LocalBackend:
         except BaseException:
             self.window.withdraw()
             raise
-        labels = await self.window.labels(image.model_input)
+        if self.tiling.tiles(*image.model_input.shape[:2], self.settings.max_side):
+            self.window.withdraw()  # not for the window: cut into tiles, on the device thread
+            labels = await self._in(
+                self._device, self.segmenter.segment_tiled, image.model_input, self.tiling
+            )
+        else:
+            labels = await self.window.labels(image.model_input)
         encoded = await asyncio.gather(
             *(
                 self._in(self._codecs, self._render, image, labels, self.meta, kind, fmt, alpha)
@@ -216,7 +223,7 @@ class LocalBackend:
     def _decode(self, source: Path) -> codecs.DecodedImage:
         s = self.settings
         try:
-            return codecs.decode(source.read_bytes(), s.max_image_pixels, s.max_side)
+            return codecs.decode(source.read_bytes(), s.max_image_pixels, s.max_side, self.tiling)
         except codecs.CodecError as exc:
             raise SegmentationError(f"{exc.status}: {exc.detail}", exc.status) from None
 

@@ -40,6 +40,7 @@ from torch import nn
 
 from fcn_core.backends import BackendName, Network, build_network, choose_backend
 from fcn_core.preprocess import Normalization
+from fcn_core.tiling import TilePolicy, segment_tiled
 from fcn_core.weights import WeightsMetadata, load_weights
 
 log = logging.getLogger(__name__)
@@ -184,11 +185,13 @@ def crop(
     sizes: Sequence[tuple[int, int]],
     failed: dict[int, Exception] | None = None,
 ) -> list[np.ndarray | Exception]:
-    """Each image's own H x W out of the padded N x Hb x Wb batch (copies: buffers are reused),
-    or the error of an image that could not be decoded."""
+    """Each image's own H x W out of the padded N x Hb x Wb batch (or C x H x W out of
+    N x C x Hb x Wb scores; copies: buffers are reused), or the error of an image that could
+    not be decoded."""
     failed = failed or {}
     return [
-        failed[i] if i in failed else labels[i, :h, :w].copy() for i, (h, w) in enumerate(sizes)
+        failed[i] if i in failed else labels[i, ..., :h, :w].copy()
+        for i, (h, w) in enumerate(sizes)
     ]
 
 
@@ -284,13 +287,32 @@ class Predictor:
     def labels(self, x: torch.Tensor, images: int | None = None) -> torch.Tensor:
         """Normalised batch -> uint8 labels on the device. On the CPU with several workers,
         the first ``images`` rows (not the rows a compiled batch adds) run one per thread."""
+        return self._per_row(self._labels, x, images)
+
+    def scores(self, x: torch.Tensor, images: int | None = None) -> torch.Tensor:
+        """Normalised batch -> float16 class scores (logits) on the device, for blending
+        tiles: half the memory of float32, and far finer than the differences that decide a
+        label once tiles are averaged."""
+        return self._per_row(self._scores, x, images)
+
+    def _per_row(
+        self, run: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor, images: int | None
+    ) -> torch.Tensor:
         n = x.shape[0] if images is None else images
         if self._pool is not None and n > 1:
             rows = x[:n].split(1)
-            return torch.cat(list(self._pool.map(self._labels, rows, [self._pool_threads] * n)))
-        return self._labels(x, self._alone_threads)
+            return torch.cat(list(self._pool.map(run, rows, [self._pool_threads] * n)))
+        return run(x, self._alone_threads)
 
     def _labels(self, x: torch.Tensor, threads: int) -> torch.Tensor:
+        # max().indices, not argmax(): the same first-maximum labels, but torch's CPU argmax
+        # over a non-inner dimension is ~15x slower (34 vs 2 ms for 11 x 384 x 480).
+        return self._logits(x, threads).max(1).indices.to(torch.uint8)
+
+    def _scores(self, x: torch.Tensor, threads: int) -> torch.Tensor:
+        return self._logits(x, threads).to(torch.float16)
+
+    def _logits(self, x: torch.Tensor, threads: int) -> torch.Tensor:
         """grad and autocast modes are per thread, hence set here, in the thread that runs."""
         x = x.contiguous(memory_format=self._memory_format)
         with torch.inference_mode(), self._autocast():
@@ -302,21 +324,23 @@ class Predictor:
             )
         if logits.shape[1] > 256:
             raise RuntimeError("more than 256 classes do not fit a uint8 label map")
-        # max().indices, not argmax(): the same first-maximum labels, but torch's CPU argmax
-        # over a non-inner dimension is ~15x slower (34 vs 2 ms for 11 x 384 x 480).
-        return logits.max(1).indices.to(torch.uint8)
+        return logits
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self._dtype is None or self.backend != "torch":
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self._dtype)
 
-    def predict_host(self, host: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> np.ndarray:
-        """A padded uint8 N x Hb x Wb x 3 batch on the host -> N x Hb x Wb uint8 labels
-        (synchronous: the CPU path, and any device for callers that hold the images)."""
+    def predict_host(
+        self, host: torch.Tensor, sizes: Sequence[tuple[int, int]], scores: bool = False
+    ) -> np.ndarray:
+        """A padded uint8 N x Hb x Wb x 3 batch on the host -> N x Hb x Wb uint8 labels, or
+        with ``scores`` N x C x Hb x Wb float16 class scores (synchronous: the CPU path, and
+        any device for callers that hold the images)."""
         with torch.inference_mode():
             x = self.normalized(host.to(self.device), sizes)
-            return self.labels(x, len(sizes)).cpu().numpy()
+            out = self.scores(x, len(sizes)) if scores else self.labels(x, len(sizes))
+            return out.cpu().numpy()
 
     def warmup_plan(self, sizes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
         """(height, width) -> the batch sizes to warm: 1 and the full batch of its bucket, or
@@ -375,14 +399,24 @@ class Segmenter:
         loaded = load_weights(path, device="cpu")
         return cls(loaded.model, loaded.meta.normalization, config, loaded.meta)
 
-    def predict_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """H x W x 3 uint8 images (any sizes; one bucket is fastest) -> their label maps."""
+    def predict_batch(self, images: Sequence[np.ndarray], scores: bool = False) -> list[np.ndarray]:
+        """H x W x 3 uint8 images (any sizes; one bucket is fastest) -> their label maps, or
+        with ``scores`` their C x H x W float16 class scores."""
         sizes = [im.shape[:2] for im in images]
         p = self.predictor
         bucket = bucket_of(max(h for h, _ in sizes), max(w for _, w in sizes), p.bucket_multiple)
         staging = np.zeros((p.batch_rows(bucket, len(images)), *bucket, 3), dtype=np.uint8)
         pad_into(staging, images)
-        return crop(p.predict_host(torch.from_numpy(staging), sizes), sizes)  # type: ignore[return-value]
+        out = p.predict_host(torch.from_numpy(staging), sizes, scores)
+        return crop(out, sizes)  # type: ignore[return-value]
+
+    def segment_tiled(self, image: np.ndarray, policy: TilePolicy) -> np.ndarray:
+        """One image's label map at full resolution, from overlapping tiles (``fcn_core.tiling``)
+        run in batches as large as the tile's bucket allows."""
+        p = self.predictor
+        tile = (min(policy.size, image.shape[0]), min(policy.size, image.shape[1]))
+        batch = p.capacity(bucket_of(*tile, p.bucket_multiple))
+        return segment_tiled(image, lambda tiles: self.predict_batch(tiles, True), policy, batch)
 
     def segment(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Label maps for ``images``, in order; batches formed as the server forms them."""

@@ -4,7 +4,8 @@ Policy (all of it configuration):
 - A request's wait for batch-mates is timed from its *arrival*, so time spent queued behind a
   running batch counts; a request that already waited its delay is dispatched at once.
 - A batch holds one size bucket (padded sizes, multiples of 32), up to ``max_batch_size``
-  images and ``max_batch_pixels`` padded pixels; the oldest request's bucket goes first, and a
+  images and ``max_batch_pixels`` padded pixels, and one kind of output: label maps, or the
+  class scores of tiles (``fcn_core.tiling``) that the request then blends; the oldest request's bucket goes first, and a
   bucket that is already full goes instead of idling.
 - The queue is bounded (``QueueFull`` -> 503); requests past their deadline or cancelled
   (client gone) are dropped before compute.
@@ -61,6 +62,7 @@ class DeadlineExceeded(Exception):
 @dataclass
 class JobResult:
     labels: np.ndarray
+    """The image's H x W label map; for a tile (``Job.scores``), its C x H x W class scores."""
     queue_s: float
     infer_s: float
     batch_size: int
@@ -74,7 +76,13 @@ class Job:
     deadline: float
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    scores: bool = False  # a tile: its class scores are wanted, to be blended
     cancelled: bool = field(default=False)
+
+    @property
+    def group(self) -> tuple[tuple[int, int], bool]:
+        """Jobs batch with jobs of the same bucket that want the same output."""
+        return self.bucket, self.scores
 
     def resolve(self, result: JobResult | BaseException) -> None:
         # A closed loop means nobody is waiting any more.
@@ -107,7 +115,7 @@ _INFERENCE = InferenceConfig()
 class DynamicBatcher:
     def __init__(
         self,
-        launch: Callable[[Sequence[ModelInput]], Prediction | InFlight],
+        launch: Callable[[Sequence[ModelInput], bool], Prediction | InFlight],
         metrics: ModelMetrics,
         *,
         max_batch_size: int = DEFAULT_GPU_BATCH,
@@ -168,12 +176,14 @@ class DynamicBatcher:
         """Images of this bucket per batch: the size limit, cut by the pixel budget."""
         return batch_capacity(bucket, self.max_batch_size, self.max_batch_pixels)
 
-    def submit(self, images: Sequence[ModelInput], deadline: float) -> list[Job]:
+    def submit(
+        self, images: Sequence[ModelInput], deadline: float, scores: bool = False
+    ) -> list[Job]:
         """Queue all of the images or none of them (a request is answered whole).
 
         The batching delay and the queue wait are timed from now, the jobs' arrival in the
         queue; ``deadline`` (monotonic) is the request's own, counted from its arrival at
-        the server.
+        the server. With ``scores`` (tiles) the jobs' results are class scores, not labels.
         """
         loop = asyncio.get_running_loop()
         arrival = time.monotonic()
@@ -185,6 +195,7 @@ class DynamicBatcher:
                 deadline=deadline,
                 future=loop.create_future(),
                 loop=loop,
+                scores=scores,
             )
             for im in images
         ]
@@ -274,16 +285,16 @@ class DynamicBatcher:
                 job.resolve(DeadlineExceeded())
 
     def _choose(self, now: float) -> tuple[list[Job], float]:
-        groups: dict[tuple[int, int], list[Job]] = {}
+        groups: dict[tuple[tuple[int, int], bool], list[Job]] = {}
         for job in self._queue:
-            groups.setdefault(job.bucket, []).append(job)
+            groups.setdefault(job.group, []).append(job)
         oldest = self._queue[0]
-        first = groups[oldest.bucket]
+        first = groups[oldest.group]
         cap = self.capacity(oldest.bucket)
         due = oldest.arrival + self.max_queue_delay_s
         if len(first) >= cap or now >= due or not self._accepting:
             return first[:cap], 0.0
-        for bucket, jobs in groups.items():
+        for (bucket, _), jobs in groups.items():
             if len(jobs) >= self.capacity(bucket):
                 return jobs[: self.capacity(bucket)], 0.0
         return [], due - now
@@ -293,7 +304,7 @@ class DynamicBatcher:
         for job in batch:
             self._metrics.queue_wait.observe(dispatched - job.arrival)
         try:
-            launched = self._launch([job.image for job in batch])
+            launched = self._launch([job.image for job in batch], batch[0].scores)
         except Exception as exc:
             self._fail(batch, exc)
             self._slots.release()

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fcn_core.data.palettes import flat_palette
+from fcn_core.tiling import TilePolicy
 from service.schemas import ClassShare
 
 # MPO is what many cameras write for JPEG (a JPEG with extra frames).
@@ -88,12 +89,14 @@ ORIENTATION_TAG = 0x0112
 _EOI = b"\xff\xd9"
 
 
-def probe_jpeg(data: bytes, max_image_pixels: int, max_side: int) -> EncodedJpeg | None:
+def probe_jpeg(
+    data: bytes, max_image_pixels: int, max_side: int, tiling: TilePolicy | None = None
+) -> EncodedJpeg | None:
     """A plain JPEG the device can decode as it is, else None: ``decode`` then does the work.
 
     Only the header is read. Anything else (not JPEG, CMYK, a truncated file without its
-    end marker, an image to downscale, over the pixel limit, unreadable) goes to ``decode``
-    on the CPU, which answers errors exactly as it always does.
+    end marker, an image to downscale or to cut into tiles, over the pixel limit, unreadable)
+    goes to ``decode`` on the CPU, which answers errors exactly as it always does.
     """
     try:
         with warnings.catch_warnings():
@@ -108,6 +111,7 @@ def probe_jpeg(data: bytes, max_image_pixels: int, max_side: int) -> EncodedJpeg
     if (
         width * height > max_image_pixels
         or max(width, height) > max_side
+        or (tiling is not None and tiling.tiles(height, width, max_side))
         or not data.rstrip(b"\x00\r\n ").endswith(_EOI)
         or orientation not in range(1, 9)
     ):
@@ -118,15 +122,24 @@ def probe_jpeg(data: bytes, max_image_pixels: int, max_side: int) -> EncodedJpeg
 
 
 def decode_or_defer(
-    data: bytes, max_image_pixels: int, max_side: int, defer_jpeg: bool
+    data: bytes,
+    max_image_pixels: int,
+    max_side: int,
+    defer_jpeg: bool,
+    tiling: TilePolicy | None = None,
 ) -> DecodedImage | EncodedJpeg:
     """``decode``, or with ``defer_jpeg`` a JPEG the device can decode left encoded."""
-    if defer_jpeg and (jpeg := probe_jpeg(data, max_image_pixels, max_side)) is not None:
+    if defer_jpeg and (jpeg := probe_jpeg(data, max_image_pixels, max_side, tiling)) is not None:
         return jpeg
-    return decode(data, max_image_pixels, max_side)
+    return decode(data, max_image_pixels, max_side, tiling)
 
 
-def decode(data: bytes, max_image_pixels: int, max_side: int) -> DecodedImage:
+def decode(
+    data: bytes, max_image_pixels: int, max_side: int, tiling: TilePolicy | None = None
+) -> DecodedImage:
+    """Bytes -> the image, and what the model sees: downscaled to ``max_side``, or at full
+    resolution where ``tiling`` cuts it into tiles (under the tiling's own pixel limit, read
+    from the header as ``max_image_pixels`` is)."""
     if not data:
         raise CodecError(400, "empty body: send the image bytes")
     try:
@@ -150,6 +163,8 @@ def decode(data: bytes, max_image_pixels: int, max_side: int) -> DecodedImage:
             415, f"{fmt} images are not accepted; send JPEG, PNG, WebP, BMP, TIFF or GIF"
         )
     width, height = img.size
+    if tiling is not None:
+        max_image_pixels = tiling.pixel_limit(height, width, max_side, max_image_pixels)
     if width * height > max_image_pixels:
         raise CodecError(
             413,
@@ -165,7 +180,7 @@ def decode(data: bytes, max_image_pixels: int, max_side: int) -> DecodedImage:
         raise
     except (OSError, ValueError, SyntaxError, EOFError, IndexError) as exc:
         raise CodecError(422, f"{fmt} image data is truncated or corrupt: {exc}") from None
-    return DecodedImage(rgb=rgb, model_input=downscale(rgb, max_side), format=fmt)
+    return DecodedImage(rgb=rgb, model_input=fit(rgb, max_side, tiling), format=fmt)
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:
@@ -196,17 +211,29 @@ def to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def from_pixels(rgb: np.ndarray, max_image_pixels: int, max_side: int) -> DecodedImage:
+def from_pixels(
+    rgb: np.ndarray, max_image_pixels: int, max_side: int, tiling: TilePolicy | None = None
+) -> DecodedImage:
     """An H x W x 3 uint8 array sent as pixels (the Open Inference Protocol's PIXELS), under
-    the same pixel limit and downscaling as a decoded image."""
+    the same pixel limit, downscaling and tiling as a decoded image."""
     h, w = rgb.shape[:2]
+    if tiling is not None:
+        max_image_pixels = tiling.pixel_limit(h, w, max_side, max_image_pixels)
     if h < 1 or w < 1:
         raise CodecError(422, f"an image of {w}x{h} pixels has nothing to segment")
     if h * w > max_image_pixels:
         raise CodecError(
             413, f"{w}x{h} = {w * h} pixels exceeds the {max_image_pixels}-pixel limit", "too_large"
         )
-    return DecodedImage(rgb=rgb, model_input=downscale(rgb, max_side), format="PIXELS")
+    return DecodedImage(rgb=rgb, model_input=fit(rgb, max_side, tiling), format="PIXELS")
+
+
+def fit(rgb: np.ndarray, max_side: int, tiling: TilePolicy | None) -> np.ndarray:
+    """What the model sees: the image itself where it is cut into tiles, else downscaled so
+    that its longer side is at most ``max_side``."""
+    if tiling is not None and tiling.tiles(rgb.shape[0], rgb.shape[1], max_side):
+        return rgb
+    return downscale(rgb, max_side)
 
 
 def downscale(rgb: np.ndarray, max_side: int) -> np.ndarray:

@@ -1,8 +1,8 @@
 """The typed dependencies the routes share: the service state, the request's context, the
 model a request names, the API-key check, and the error responses protected routes document.
 
-``Annotated`` aliases (``State``, ``Context``, ``Served``) so a route states what it needs in
-its signature; only ``Served`` reads a parameter (``?model=``).
+``Annotated`` aliases (``State``, ``Context``, ``Served``, ``Tiling``) so a route states what
+it needs in its signature; ``Served`` reads ``?model=`` and ``Tiling`` ``?tile=``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Query, Request
 
 from fcn_client.wire import AUTHORIZATION
+from fcn_core.tiling import TileMode, TilePolicy
 from service.context import RequestContext, request_context
 from service.errors import ServiceError, unavailable
 from service.repository import ServedModel
@@ -47,6 +48,20 @@ def served_model(
 
 
 Served = Annotated[ServedModel, Depends(served_model)]
+
+
+def tile_policy(
+    state: State,
+    tile: Annotated[
+        TileMode | None,
+        Query(description="auto | on | off: segment large images in tiles (default: FCN_TILE)"),
+    ] = None,
+) -> TilePolicy:
+    """How this request's images too large for one pass are segmented (``?tile=``)."""
+    return state.settings.tile_policy(tile)
+
+
+Tiling = Annotated[TilePolicy, Depends(tile_policy)]
 
 
 def require_api_key(request: Request, state: State) -> None:

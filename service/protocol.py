@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from fcn_core.tiling import TILE_MODES, TileMode
 from fcn_core.weights import WeightsMetadata
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -79,6 +80,7 @@ class InferRequest:
     inputs: list[Tensor]
     binary_outputs: dict[str, bool] = field(default_factory=dict)  # requested name -> binary
     binary_default: bool = False  # the request's binary_data_output
+    tile: TileMode | None = None  # the request's "tile" parameter (as /segment's ?tile=)
 
     def wants_binary(self, name: str) -> bool:
         return self.binary_outputs.get(name, self.binary_default)
@@ -132,11 +134,15 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         binary_outputs[out["name"]] = bool(
             wanted if wanted is not None else params.get("binary_data_output")
         )
+    tile = params.get("tile")
+    if tile is not None and tile not in TILE_MODES:
+        raise ProtocolError(f"the 'tile' parameter is one of {list(TILE_MODES)}, not {tile!r}")
     return InferRequest(
         id=doc.get("id"),
         inputs=inputs,
         binary_outputs=binary_outputs,
         binary_default=bool(params.get("binary_data_output", False)),
+        tile=tile,
     )
 
 

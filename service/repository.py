@@ -17,6 +17,7 @@ folder: files added, replaced (size or modification time), removed.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import threading
@@ -57,6 +58,8 @@ class ServedModel:
     memory_bytes: int  # what loading it took: CUDA memory on a GPU, resident memory else
     loaded_at: float = field(default_factory=time.time)
     leases: int = 0
+    tile_slot: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
+    """Held while an image of this model is blended from tiles (service/stages.py)."""
 
     @property
     def version(self) -> str:

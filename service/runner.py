@@ -41,8 +41,9 @@ class DeviceOutOfMemory(RuntimeError):
 @dataclass
 class Prediction:
     labels: list[np.ndarray | Exception]
-    """One H x W uint8 map per input image, at the input's size; with images decoded on the
-    device, the decoding error of an image that had none (its batch-mates are unaffected)."""
+    """One H x W uint8 map per input image, at the input's size (for a batch of tiles, C x H
+    x W float16 class scores); with images decoded on the device, the decoding error of an
+    image that had none (its batch-mates are unaffected)."""
     passes: list[tuple[int, float]] = field(default_factory=list)
     """(images, seconds) of every forward pass run; more than one after an OOM split."""
 
@@ -106,22 +107,26 @@ class Runner:
             else None
         )
 
-    def predict(self, images: Sequence[ModelInput]) -> Prediction:
-        """H x W x 3 uint8 images of one bucket -> their label maps; OOM splits in halves."""
-        return self.launch(images).wait()
+    def predict(self, images: Sequence[ModelInput], scores: bool = False) -> Prediction:
+        """H x W x 3 uint8 images of one bucket -> their label maps (or class scores);
+        OOM splits in halves."""
+        return self.launch(images, scores).wait()
 
-    def launch(self, images: Sequence[ModelInput]) -> Prediction | InFlight:
+    def launch(self, images: Sequence[ModelInput], scores: bool = False) -> Prediction | InFlight:
         """Queue a batch on the device and return without waiting for it (CUDA).
 
         The caller may stage and launch the next batch before calling ``wait`` on this one;
-        on the CPU the work is done by the time this returns.
+        on the CPU the work is done by the time this returns. A batch of tiles (``scores``)
+        completes before this returns on any device: its scores are large and few.
         """
         if self._device_thread is None:
-            return self._launch_splitting(list(images))
-        return self._device_thread.submit(self._launch_splitting, list(images)).result()
+            return self._launch_splitting(list(images), scores)
+        return self._device_thread.submit(self._launch_splitting, list(images), scores).result()
 
-    def _launch_splitting(self, images: list[ModelInput]) -> Prediction | InFlight:
+    def _launch_splitting(self, images: list[ModelInput], scores: bool) -> Prediction | InFlight:
         try:
+            if scores:
+                return self._scores(images)  # type: ignore[arg-type]  # tiles are arrays
             return self._launch(images)
         except torch.cuda.OutOfMemoryError as exc:
             if len(images) == 1:
@@ -136,8 +141,8 @@ class Runner:
         if self.on_oom_split is not None:
             self.on_oom_split()
         half = len(images) // 2
-        first = self._launch_splitting(images[:half]).wait()
-        second = self._launch_splitting(images[half:]).wait()
+        first = self._launch_splitting(images[:half], scores).wait()
+        second = self._launch_splitting(images[half:], scores).wait()
         return Prediction(first.labels + second.labels, first.passes + second.passes)
 
     def _launch(self, images: list[ModelInput]) -> Prediction | InFlight:
@@ -166,6 +171,21 @@ class Runner:
                 torch.cuda.synchronize(self.device)  # no copy may still use a buffer given back
             self.buffers.give(*lent)
             raise
+
+    def _scores(self, images: list[np.ndarray]) -> Prediction:
+        """Tiles -> their C x H x W float16 class scores on the host, synchronously."""
+        sizes = [im.shape[:2] for im in images]
+        p = self.predictor
+        bucket = bucket_of(max(h for h, _ in sizes), max(w for _, w in sizes), p.bucket_multiple)
+        host = self.buffers.take((p.batch_rows(bucket, len(images)), *bucket, 3))
+        try:
+            pad_into(host.numpy(), images)
+            start = time.perf_counter()
+            scores = p.predict_host(host, sizes, scores=True)
+            seconds = time.perf_counter() - start
+        finally:
+            self.buffers.give(host)  # predict_host has finished with it
+        return Prediction(crop(scores, sizes), [(len(images), seconds)])
 
     def _launch_cuda(
         self,

@@ -12,12 +12,13 @@ import os
 from pathlib import Path
 from typing import TypeVar
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fcn_core.backends import BackendName
 from fcn_core.inference import CompileMode, InferenceConfig, Precision
 from fcn_core.shipped import DEFAULT_WEIGHTS_NAME, default_weights_dir
+from fcn_core.tiling import TileMode, TilePolicy
 from service.batcher import QueuePolicy
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +29,7 @@ T = TypeVar("T")
 
 INFERENCE = InferenceConfig()
 QUEUE = QueuePolicy()
+TILE = TilePolicy()
 """Defaults are written once, in the components; the fields below take theirs from these."""
 
 
@@ -127,8 +129,38 @@ class Settings(BaseSettings):
     max_side: int = Field(
         2048,
         ge=32,
-        description="Longer image sides are downscaled to this before inference; "
-        "the label map is scaled back to the original size (nearest).",
+        description="The longest side one pass takes: a longer image is segmented in tiles "
+        "(`FCN_TILE`) or, with tiling off or when it fits one tile, downscaled to this and "
+        "its label map scaled back to the original size (nearest).",
+    )
+    tile: TileMode = Field(
+        TILE.mode,
+        description="Images too large for one pass: `auto` segments an image whose longer "
+        "side exceeds `FCN_MAX_SIDE` (and a tile) at full resolution, in overlapping tiles "
+        "blended into one label map, instead of downscaling it; `on` tiles every image "
+        "larger than a tile; `off` downscales to `FCN_MAX_SIDE`. A request may choose with "
+        "`?tile=` (the protocol routes: the `tile` parameter).",
+    )
+    tile_size: int = Field(
+        TILE.size,
+        ge=32,
+        description="A tile's side in pixels, a multiple of `FCN_BUCKET_MULTIPLE`. Tiles run "
+        "through the batcher like images, as many per batch as `FCN_MAX_BATCH_PIXELS` allows "
+        "(one at least).",
+    )
+    tile_overlap: int = Field(
+        TILE.overlap,
+        ge=0,
+        description="Pixels that neighbouring tiles share (under half a tile); their scores "
+        "are blended with weights falling towards each tile's edges, so no seam shows.",
+    )
+    tile_max_pixels: int = Field(
+        TILE.max_pixels,
+        ge=1,
+        description="Pixel limit of an image segmented in tiles, in place of "
+        "`FCN_MAX_IMAGE_PIXELS` (read from the header; 413 above it). One tiled image per "
+        "model is blended at a time, so its memory (about 4 bytes x classes x tile side x "
+        "image width, besides the image) is bounded.",
     )
     max_images_per_request: int = Field(
         16, ge=1, description="Most images in one `POST /segment/batch`."
@@ -228,6 +260,16 @@ class Settings(BaseSettings):
             parse_size(size)
         return sizes
 
+    @model_validator(mode="after")
+    def _tiles_fit(self) -> Settings:
+        self.tile_policy()  # its own checks (the overlap)
+        if self.tile_size % self.bucket_multiple:
+            raise ValueError(
+                f"FCN_TILE_SIZE {self.tile_size} must be a multiple of FCN_BUCKET_MULTIPLE "
+                f"{self.bucket_multiple}"
+            )
+        return self
+
     @field_validator("device")
     @classmethod
     def _device_known(cls, device: str) -> str:
@@ -298,6 +340,13 @@ class Settings(BaseSettings):
         The trivial model measures the service's own overhead, so it always runs on torch."""
         config = self._config(InferenceConfig)
         return dataclasses.replace(config, backend="torch") if self.trivial_model else config
+
+    def tile_policy(self, mode: TileMode | None = None) -> TilePolicy:
+        """How images too large for one pass are segmented; ``mode`` overrides ``FCN_TILE``
+        (a request's ``?tile=``)."""
+        return TilePolicy(
+            mode or self.tile, self.tile_size, self.tile_overlap, self.tile_max_pixels
+        )
 
     def queue_policy(self) -> QueuePolicy:
         return self._config(QueuePolicy)

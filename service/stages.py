@@ -23,11 +23,14 @@ from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
 from fcn_client.wire import ImageFormat, Output
+from fcn_core.inference import bucket_of
+from fcn_core.tiling import TileBlender, TilePolicy
 from fcn_core.weights import WeightsMetadata
 from service import codecs
-from service.batcher import DeadlineExceeded, Job, JobResult, ShuttingDown
+from service.batcher import DeadlineExceeded, DynamicBatcher, Job, JobResult, ShuttingDown
 from service.context import RequestContext
 from service.repository import ServedModel
+from service.runner import ModelInput
 from service.schemas import Segmentation
 from service.state import ServiceState
 
@@ -38,18 +41,25 @@ T = TypeVar("T")
 
 
 async def decode(
-    state: ServiceState, ctx: RequestContext, blobs: Sequence[bytes], need_pixels: bool
+    state: ServiceState,
+    ctx: RequestContext,
+    blobs: Sequence[bytes],
+    need_pixels: bool,
+    tiling: TilePolicy,
 ) -> list[Image]:
     """Decode in parallel in the codec pool; the first bad image (by position) is the error.
 
     With ``FCN_DECODE_ON_DEVICE``, JPEGs whose pixels the response does not need (label
-    maps, JSON) only have their header checked here and are decoded by the runner.
+    maps, JSON) only have their header checked here and are decoded by the runner. Images
+    that ``tiling`` cuts into tiles keep their full resolution.
     """
     s = state.settings
     defer = s.decode_on_device and not need_pixels
     outcomes = await asyncio.gather(
         *(
-            state.in_codec_pool(codecs.decode_or_defer, b, s.max_image_pixels, s.max_side, defer)
+            state.in_codec_pool(
+                codecs.decode_or_defer, b, s.max_image_pixels, s.max_side, defer, tiling
+            )
             for b in blobs
         ),
         return_exceptions=True,
@@ -68,14 +78,14 @@ async def decode(
 
 
 async def decode_pixels(
-    state: ServiceState, ctx: RequestContext, arrays: Sequence[np.ndarray]
+    state: ServiceState, ctx: RequestContext, arrays: Sequence[np.ndarray], tiling: TilePolicy
 ) -> list[Image]:
-    """Images sent as pixels: the same pixel limit and downscaling as decoded ones, timed as
-    the decode stage."""
+    """Images sent as pixels: the same pixel limit, downscaling and tiling as decoded ones,
+    timed as the decode stage."""
     s = state.settings
     done = await asyncio.gather(
         *(
-            state.in_codec_pool(codecs.from_pixels, a, s.max_image_pixels, s.max_side)
+            state.in_codec_pool(codecs.from_pixels, a, s.max_image_pixels, s.max_side, tiling)
             for a in arrays
         )
     )
@@ -92,27 +102,110 @@ async def predict(
     served: ServedModel,
     ctx: RequestContext,
     images: Sequence[Image],
+    tiling: TilePolicy,
 ) -> list[np.ndarray]:
-    """The label maps of ``images`` (at the size the model saw them) by ``served``, in order."""
+    """The label maps of ``images`` (at the size the model saw them) by ``served``, in order:
+    images that ``tiling`` cuts into tiles one after another, after the others, which batch
+    as usual."""
     ready, why = state.readiness()
     if not ready:
         # Refused as a stopping batcher refuses: 503 with Retry-After (see errors.py).
         raise ShuttingDown(f"not ready: {why}")
     ctx.model = served.name
-    batcher = served.batcher
     deadline = ctx.arrival + state.settings.request_timeout_s
-    jobs = batcher.submit([image.model_input for image in images], deadline)
+    tiled = [
+        tiling.tiles(*image.model_input.shape[:2], state.settings.max_side) for image in images
+    ]
+    whole = [image.model_input for image, t in zip(images, tiled, strict=True) if not t]
+    results = await run_jobs(request, served.batcher, whole, deadline) if whole else []
+    labels = iter(r.labels for r in results)
+    # The request waited for its slowest image: batch-mates share their batch's figures.
+    times = [(max(r.queue_s for r in results), max(r.infer_s for r in results))] if results else []
+    answers = []
+    for image, t in zip(images, tiled, strict=True):
+        if not t:
+            answers.append(next(labels))
+            continue
+        assert isinstance(image.model_input, np.ndarray), "tiled images are decoded on the CPU"
+        lab, queue_s, infer_s = await predict_tiled(
+            request, state, served, image.model_input, tiling, deadline
+        )
+        answers.append(lab)
+        times.append((queue_s, infer_s))
+    ctx.record("queue", sum(q for q, _ in times))
+    ctx.record("inference", sum(i for _, i in times))
+    return answers
+
+
+async def run_jobs(
+    request: Request,
+    batcher: DynamicBatcher,
+    images: Sequence[ModelInput],
+    deadline: float,
+    scores: bool = False,
+) -> list[JobResult]:
+    """Submit ``images`` to ``batcher`` and wait for all of their results."""
+    return await results_of(request, batcher, batcher.submit(images, deadline, scores), deadline)
+
+
+async def results_of(
+    request: Request, batcher: DynamicBatcher, jobs: list[Job], deadline: float
+) -> list[JobResult]:
+    """The results of submitted jobs; whatever ends the wait (an error, the client gone, the
+    deadline, this task cancelled), nothing is left behind: queued jobs are withdrawn
+    before compute."""
     try:
-        results = await wait_for_jobs(request, jobs, deadline)
+        return await wait_for_jobs(request, jobs, deadline)
     finally:
-        # Whatever ended the wait (an error, the client gone, the deadline, this task
-        # cancelled), nothing is left behind: queued jobs are withdrawn before compute.
         if not all(job.future.done() for job in jobs):
             batcher.cancel(jobs)
         release(jobs)
-    ctx.record("queue", max(r.queue_s for r in results))
-    ctx.record("inference", max(r.infer_s for r in results))
-    return [r.labels for r in results]
+
+
+async def predict_tiled(
+    request: Request,
+    state: ServiceState,
+    served: ServedModel,
+    image: np.ndarray,
+    tiling: TilePolicy,
+    deadline: float,
+) -> tuple[np.ndarray, float, float]:
+    """(label map, queue seconds, inference seconds) of one image cut into tiles.
+
+    Tiles go to the batcher as ordinary batch members (a batch's worth at a time, the next
+    batch queued while this one computes) and their scores are blended, in the codec pool,
+    as they come. One tiled image per model at a time: its blending band is the large part.
+    """
+    try:
+        await asyncio.wait_for(served.tile_slot.acquire(), max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        raise DeadlineExceeded() from None
+    try:
+        blender = TileBlender(*image.shape[:2], tiling.size, tiling.overlap)
+        batcher = served.batcher
+        first = blender.tiles[0]
+        step = batcher.capacity(bucket_of(first.height, first.width, batcher.bucket_multiple))
+        chunks = [blender.tiles[i : i + step] for i in range(0, len(blender.tiles), step)]
+        queue_s = infer_s = 0.0
+        ahead = batcher.submit([t.cut(image) for t in chunks[0]], deadline, scores=True)
+        for k in range(len(chunks)):
+            current, ahead = ahead, []
+            try:
+                if k + 1 < len(chunks):
+                    ahead = batcher.submit([t.cut(image) for t in chunks[k + 1]], deadline, True)
+                results = await results_of(request, batcher, current, deadline)
+            except BaseException:
+                batcher.cancel(ahead)
+                release(ahead)
+                raise
+            for r in results:
+                _, seconds = await state.in_codec_pool(blender.add, r.labels)
+                infer_s += seconds
+            queue_s += max(r.queue_s for r in results)
+            infer_s += max(r.infer_s for r in results)
+        return blender.labels, queue_s, infer_s
+    finally:
+        served.tile_slot.release()
 
 
 async def wait_for_jobs(request: Request, jobs: Sequence[Job], deadline: float) -> list[JobResult]:

@@ -74,20 +74,24 @@ def test_concurrent_requests_are_batched_and_exact(
 
 
 def run_batcher(
-    predict_fn: Callable[[Sequence[np.ndarray]], Prediction],
+    predict_fn: Callable[[Sequence[np.ndarray], bool], Prediction],
     jobs_plan: Sequence[tuple[float, tuple[int, int]]],
+    scores: Sequence[bool] = (),
     **options: object,
 ) -> list[tuple[Job, object]]:
-    """Submit images of the given (h, w) at the given offsets (s); returns (job, result)."""
+    """Submit images of the given (h, w) at the given offsets (s), the i-th wanting scores
+    if ``scores[i]``; returns (job, result)."""
 
     async def main() -> list[tuple[Job, object]]:
         batcher = DynamicBatcher(predict_fn, Metrics().for_model("m"), **options)  # type: ignore[arg-type]
         batcher.start()
         submitted: list[Job] = []
         start = time.monotonic()
-        for at, (h, w) in jobs_plan:
+        for i, (at, (h, w)) in enumerate(jobs_plan):
             await asyncio.sleep(max(0.0, start + at - time.monotonic()))
-            (job,) = batcher.submit([np.zeros((h, w, 3), np.uint8)], time.monotonic() + 30)
+            tile = i < len(scores) and scores[i]
+            image = np.zeros((h, w, 3), np.uint8)
+            (job,) = batcher.submit([image], time.monotonic() + 30, scores=tile)
             submitted.append(job)
         results = await asyncio.gather(*(j.future for j in submitted), return_exceptions=True)
         await asyncio.to_thread(batcher.stop, 5.0)
@@ -102,10 +106,12 @@ class Recorder:
     def __init__(self, seconds: Sequence[float] = (0.0,)) -> None:
         self.seconds = list(seconds)
         self.batches: list[list[tuple[int, int]]] = []
+        self.kinds: list[bool] = []  # each batch's ``scores``
 
-    def __call__(self, images: Sequence[np.ndarray]) -> Prediction:
+    def __call__(self, images: Sequence[np.ndarray], scores: bool = False) -> Prediction:
         delay = self.seconds[min(len(self.batches), len(self.seconds) - 1)]
         self.batches.append([im.shape[:2] for im in images])
+        self.kinds.append(scores)
         time.sleep(delay)
         return Prediction(
             labels=[np.zeros(im.shape[:2], np.uint8) for im in images],
@@ -123,6 +129,19 @@ def test_delay_is_timed_from_arrival_not_from_dequeue() -> None:
     assert recorder.batches == [[(32, 32)] * 2, [(32, 32)]]
     third = results[2][1]
     assert 0.6 < third.queue_s < 0.95, third.queue_s
+
+
+def test_tiles_batch_with_tiles_only() -> None:
+    # Two label jobs and two tiles of one bucket, queued together: each batch holds one kind
+    # (a batch answers either label maps or class scores), full batches of 2 each.
+    recorder = Recorder()
+    plan = [(0.0, (64, 64))] * 4
+    results = run_batcher(
+        recorder, plan, scores=[False, True, False, True], max_batch_size=2, max_queue_delay_ms=200
+    )
+    assert recorder.batches == [[(64, 64)] * 2, [(64, 64)] * 2]
+    assert sorted(recorder.kinds) == [False, True]
+    assert all(not isinstance(result, BaseException) for _, result in results)
 
 
 def test_a_lone_request_waits_its_delay_then_runs() -> None:
@@ -188,7 +207,7 @@ class SerialDevice:
         self._free_at = 0.0
         self._lock = threading.Lock()
 
-    def __call__(self, images: Sequence[np.ndarray]) -> Pending:
+    def __call__(self, images: Sequence[np.ndarray], scores: bool = False) -> Pending:
         with self._lock:
             index = sum(1 for kind, _ in self.events if kind == "launch")
             self.events.append(("launch", index))

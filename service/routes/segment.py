@@ -19,7 +19,7 @@ from fcn_client.wire import (
     ImageFormat,
     Output,
 )
-from service.deps import PROTECTED, Context, Served, State
+from service.deps import PROTECTED, Context, Served, State, Tiling
 from service.repository import ServedModel
 from service.schemas import BatchSegmentation
 from service.stages import decode, encode, predict, render, segmentation
@@ -51,6 +51,7 @@ async def segment(
     state: State,
     ctx: Context,
     served: Served,
+    tiling: Tiling,
     output: Annotated[Output, Query(description="labels | overlay | json")] = Output.labels,
     fmt: Annotated[
         ImageFormat, Query(alias="format", description="overlay format")
@@ -58,11 +59,12 @@ async def segment(
     alpha: Annotated[float, Query(ge=0.0, le=1.0, description="overlay colour weight")] = 0.5,
 ) -> Response:
     """Segment one image, sent as multipart field `image` or as a raw `image/*` body, with
-    the model `model` (the default when omitted)."""
+    the model `model` (the default when omitted). Images larger than one pass are cut into
+    tiles or downscaled as `tile` says."""
     with ctx.timed("read"):
         (blob,) = await read_images(request, IMAGE_FIELD, 1, state.settings.max_body_bytes)
-    (image,) = await decode(state, ctx, [blob], need_pixels=output is Output.overlay)
-    (labels,) = await predict(request, state, served, ctx, [image])
+    (image,) = await decode(state, ctx, [blob], output is Output.overlay, tiling)
+    (labels,) = await predict(request, state, served, ctx, [image], tiling)
     meta = served.meta
     (response,) = await encode(state, ctx, render, [(image, labels, meta, output, fmt, alpha)])
     response.headers.update(model_headers(served))
@@ -71,15 +73,20 @@ async def segment(
 
 @router.post("/segment/batch", response_model=BatchSegmentation)
 async def segment_batch(
-    request: Request, response: Response, state: State, ctx: Context, served: Served
+    request: Request,
+    response: Response,
+    state: State,
+    ctx: Context,
+    served: Served,
+    tiling: Tiling,
 ) -> BatchSegmentation:
     """Segment several images, sent as repeated multipart fields `images`, with the model
     `model` (the default when omitted); answered in order."""
     s = state.settings
     with ctx.timed("read"):
         blobs = await read_images(request, IMAGES_FIELD, s.max_images_per_request, s.max_body_bytes)
-    images = await decode(state, ctx, blobs, need_pixels=False)
-    labels = await predict(request, state, served, ctx, images)
+    images = await decode(state, ctx, blobs, False, tiling)
+    labels = await predict(request, state, served, ctx, images, tiling)
     results = await encode(
         state,
         ctx,

@@ -98,11 +98,12 @@ async def infer(
             raise protocol.ProtocolError(
                 f"send 1 to {s.max_images_per_request} images per request, not {len(items)}"
             )
+        tiling = s.tile_policy(parsed.tile)
         if kind == protocol.IMAGES:
-            images = await decode(state, ctx, items, need_pixels=False)  # type: ignore[arg-type]
+            images = await decode(state, ctx, items, False, tiling)  # type: ignore[arg-type]
         else:
-            images = await decode_pixels(state, ctx, items)  # type: ignore[arg-type]
-        labels = await predict(request, state, served, ctx, images)
+            images = await decode_pixels(state, ctx, items, tiling)  # type: ignore[arg-type]
+        labels = await predict(request, state, served, ctx, images, tiling)
         full = await encode(
             state,
             ctx,
