@@ -181,12 +181,13 @@ async def predict_tiled(
     except TimeoutError:
         raise DeadlineExceeded() from None
     try:
+        start = time.monotonic()
         blender = TileBlender(*image.shape[:2], tiling.size, tiling.overlap)
         batcher = served.batcher
         first = blender.tiles[0]
         step = batcher.capacity(bucket_of(first.height, first.width, batcher.bucket_multiple))
         chunks = [blender.tiles[i : i + step] for i in range(0, len(blender.tiles), step)]
-        queue_s = infer_s = 0.0
+        queue_s = 0.0  # the first batch's: later ones are queued while the previous computes
         ahead = batcher.submit([t.cut(image) for t in chunks[0]], deadline, scores=True)
         for k in range(len(chunks)):
             current, ahead = ahead, []
@@ -199,11 +200,10 @@ async def predict_tiled(
                 release(ahead)
                 raise
             for r in results:
-                _, seconds = await state.in_codec_pool(blender.add, r.labels)
-                infer_s += seconds
-            queue_s += max(r.queue_s for r in results)
-            infer_s += max(r.infer_s for r in results)
-        return blender.labels, queue_s, infer_s
+                await state.in_codec_pool(blender.add, r.labels)
+            queue_s = queue_s or max(r.queue_s for r in results)
+        # Inference is the rest of the wall time: tiles computing, and blending beside them.
+        return blender.labels, queue_s, time.monotonic() - start - queue_s
     finally:
         served.tile_slot.release()
 
