@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment many images in this process or on Ray Data, writing the label "
         "PNG the server would answer for each (OUT/<path below SOURCE>.png) or Parquet. "
         "Resumable: an image whose output exists is skipped. Images that cannot be "
-        f"segmented are reported on stderr and in OUT/{ERRORS_FILE}, and the job goes on. "
+        f"segmented are reported on stderr and in OUT/{ERRORS_FILE}, and the job goes on "
+        "(a later run tries them again). "
         "The FCN_* settings of fcn-serve apply (and reach Ray's actors).",
         epilog="Exit status: 0 when every image is done (now or before), 1 when any image "
         "failed (see OUT/errors.jsonl), 2 on bad arguments, no images, or a model, Ray or "
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         "resumable too: an image whose name is in a part already written is skipped (needs "
         "pyarrow, which the ray extra brings)",
     )
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch (16)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per batch (16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--weights", help="weights file (default: FCN_WEIGHTS, as fcn-serve)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: FCN_DEVICE, as fcn-serve)")
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument(
         "--ray", action="store_true", help="run on Ray Data (pip install 'fcn-serve[ray]')"
     )
-    ray.add_argument("--actors", type=int, help="model replicas (default 2)")
+    ray.add_argument("--actors", type=int, metavar="N", help="model replicas (default 2)")
     ray.add_argument(
         "--cpus-per-actor",
         type=float,

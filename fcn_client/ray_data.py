@@ -170,11 +170,12 @@ def ray_cpu_share() -> int | None:
 
 def output_name(path: str, roots: Sequence[str | Path] = ()) -> Path:
     """Where a row's outputs go below the output folder, without suffix: its path below the
-    first of ``roots`` that holds it, else its file name (``fcn-segment``'s rule)."""
-    source = Path(path)
+    first of ``roots`` that holds it, else its file name (``fcn-segment``'s rule). Both are
+    taken from the working folder when relative, as Ray hands back the paths it was given."""
+    source = Path(path).absolute()
     for root in roots:
-        if source.is_relative_to(root):
-            return source.relative_to(root).with_suffix("")
+        if source.is_relative_to(Path(root).absolute()):
+            return source.relative_to(Path(root).absolute()).with_suffix("")
     return Path(source.stem)
 
 
@@ -191,7 +192,6 @@ def write_pngs(
         ds.map_batches(write_pngs, fn_kwargs={"out_dir": "seg/", "roots": ["photos/"]},
                        batch_format="numpy")
     """
-    roots = [Path(r).absolute() for r in roots]
     written = []
     for path, png, error in zip(batch[PATH], batch[LABELS_PNG], batch[ERROR], strict=True):
         if error:

@@ -303,3 +303,17 @@ def test_ray_segmenter_in_a_pipeline_as_users_write_it(
         target = out / Path(name).with_suffix(".png")
         assert row["output"] == str(target) and target.read_bytes() == answer
     assert Image.open(io.BytesIO(rows[GREY]["labels_png"])).size == Image.open(photos / GREY).size
+
+
+def test_output_names_keep_the_path_below_their_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray hands back paths as it was given them, relative or not: both kinds find their root;
+    a path under no root keeps its file name, as fcn-segment names a lone file's output."""
+    from fcn_client.ray_data import output_name
+
+    monkeypatch.chdir(tmp_path)
+    assert output_name("photos/a/b.jpg", ["photos/"]) == Path("a/b")
+    assert output_name(str(tmp_path / "photos/a/b.jpg"), ["photos"]) == Path("a/b")
+    assert output_name("photos/a/b.jpg", [tmp_path / "photos"]) == Path("a/b")
+    assert output_name("elsewhere/c.jpeg", ["photos"]) == Path("c")
