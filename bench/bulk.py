@@ -179,7 +179,8 @@ def markdown(report: BulkReport) -> str:
         "",
         "Wall: the subprocess from start to exit (the model's load, and Ray's start for "
         "`ray`, included; the server's start not: it ran before). Tool's: the time in the "
-        "command's own summary.",
+        "command's own summary (fcn-segment counts from its first image, its model loaded; "
+        "fcn-segment-bulk from its start).",
     ]
     lines += [f"- {note}" for note in report.notes]
     return "\n".join(lines) + "\n"
