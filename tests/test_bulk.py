@@ -116,6 +116,7 @@ def ray_cluster(bulk_env: dict[str, str]) -> Iterator[object]:
     )
     pytest.importorskip("ray.data", reason="ray is installed without ray[data]")
     ray.init(
+        address="local",  # this machine's own, whatever RAY_ADDRESS says
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=256 * 2**20,
