@@ -17,12 +17,14 @@ label map; its batch-mates are unaffected.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from fcn_client.local import build_local
 from fcn_core.inference import Segmenter
@@ -43,6 +45,10 @@ class BulkResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    def classes_json(self) -> str:
+        """The classes present, most pixels first, as the server's JSON answer lists them."""
+        return json.dumps([c.model_dump(mode="json") for c in self.classes])
 
 
 class BulkSegmenter:
@@ -87,17 +93,14 @@ class BulkSegmenter:
         )
 
     def segment_arrays(self, arrays: Sequence[np.ndarray]) -> list[BulkResult]:
-        """H x W x 3 uint8 arrays (``ray.data.read_images`` rows) -> their results, in order."""
+        """Image arrays (``ray.data.read_images`` rows: RGB, or grey, grey + alpha, RGBA and
+        16-bit grey as it leaves them without ``mode="RGB"``) -> their results, in order."""
         s = self.settings
         return self._segment(
             [
-                _attempt(
-                    codecs.from_pixels,
-                    np.asarray(a, np.uint8),
-                    s.max_image_pixels,
-                    s.max_side,
-                    self.tiling,
-                )
+                rgb
+                if isinstance(rgb := as_rgb(a), str)
+                else _attempt(codecs.from_pixels, rgb, s.max_image_pixels, s.max_side, self.tiling)
                 for a in arrays
             ]
         )
@@ -132,6 +135,21 @@ class BulkSegmenter:
 
     def close(self) -> None:
         self._codecs.shutdown(wait=False, cancel_futures=True)
+
+
+def as_rgb(image: object) -> np.ndarray | str:
+    """An H x W x 3 uint8 array: other Pillow-shaped arrays converted as the server converts
+    the same modes (``codecs.to_rgb``), or the error, worded as the server's."""
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[2] == 3 and array.dtype == np.uint8:
+        return array
+    try:
+        return codecs.to_rgb(Image.fromarray(array))
+    except (TypeError, ValueError, codecs.CodecError) as exc:
+        return (
+            f"415: an image array of shape {array.shape} and type {array.dtype} is not a "
+            f"picture ({exc})"
+        )
 
 
 def _attempt(

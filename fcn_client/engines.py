@@ -22,7 +22,6 @@ without them (``pip install 'fcn-serve[spark]'`` or ``'fcn-serve[beam]'``).
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -49,7 +48,7 @@ class SegmentRow(TypedDict):
 def segment_row(model: BulkSegmenter, result: BulkResult) -> SegmentRow:
     return {
         "labels_png": model.png(result) if result.ok else None,
-        "classes": json.dumps([c.model_dump(mode="json") for c in result.classes]),
+        "classes": result.classes_json(),
         "error": result.error,
     }
 

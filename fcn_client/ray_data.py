@@ -33,7 +33,6 @@ only in the actors, so ``import fcn_client.ray_data`` costs neither.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -79,7 +78,7 @@ class RaySegmenter:
         if BYTES in batch:
             results = self.bulk.segment([bytes(b) for b in batch[BYTES]])
         elif IMAGE in batch:
-            results = self._segment_images(batch[IMAGE])
+            results = self.bulk.segment_arrays(list(batch[IMAGE]))
         else:
             raise KeyError(
                 f"no '{BYTES}' column (read_binary_files) nor '{IMAGE}' column (read_images) "
@@ -94,46 +93,13 @@ class RaySegmenter:
         """Results as Arrow-friendly columns: bytes, JSON text, text (and arrays)."""
         cols = {
             LABELS_PNG: objects(self.bulk.png(r) if r.ok else b"" for r in results),
-            CLASSES: objects(classes_json(r) for r in results),
+            CLASSES: objects(r.classes_json() for r in results),
             ERROR: objects(r.error or "" for r in results),
         }
         if self.with_labels:
             empty = np.zeros((0, 0), np.uint8)
             cols[LABELS] = objects(r.labels if r.labels is not None else empty for r in results)
         return cols
-
-    def _segment_images(self, images: Sequence[Any]) -> list[BulkResult]:
-        """``segment_arrays`` over the rows that are RGB (after conversion); the others are
-        error results in their place, so that one odd array does not fail its batch."""
-        from fcn_client.bulk import BulkResult
-
-        converted = [as_rgb(a) for a in images]
-        ok = iter(self.bulk.segment_arrays([c for c in converted if not isinstance(c, str)]))
-        return [
-            BulkResult(None, [], error=c) if isinstance(c, str) else next(ok) for c in converted
-        ]
-
-
-def as_rgb(image: Any) -> np.ndarray | str:
-    """An H x W x 3 uint8 array; other shapes (grey, grey+alpha, RGBA, 16-bit grey, as
-    ``read_images`` leaves them without ``mode="RGB"``) converted as the server converts the
-    same Pillow modes; or the error, worded as the server's."""
-    array = np.asarray(image)
-    if array.ndim == 3 and array.shape[2] == 3 and array.dtype == np.uint8:
-        return array
-    from PIL import Image
-
-    from service import codecs
-
-    try:
-        return codecs.to_rgb(Image.fromarray(array))
-    except (TypeError, ValueError, codecs.CodecError) as exc:
-        return f"415: an image array of shape {array.shape} and type {array.dtype} is not a picture ({exc})"
-
-
-def classes_json(result: BulkResult) -> str:
-    """The classes present, most pixels first, as the server's JSON answer lists them."""
-    return json.dumps([c.model_dump(mode="json") for c in result.classes])
 
 
 def objects(items: Any) -> np.ndarray:
