@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from fcn_client.local import build_local
@@ -115,20 +116,31 @@ class BulkSegmenter:
         """Decoded images through the model, batched by size bucket, or one at a time in
         tiles where the tiling says so (as the server does); errors passed through."""
         images = [d for d in decoded if isinstance(d, codecs.DecodedImage)]
-        whole = [d.model_input for d in images if not self._tiled(d)]
-        labels = iter(self.segmenter.segment(whole))
+        whole = iter(self._labels([d.model_input for d in images if not self._tiled(d)]))
         results = []
         for d in decoded:
             if isinstance(d, str):
-                results.append(BulkResult(None, [], error=d))
-                continue
-            if self._tiled(d):
-                lab = self.segmenter.segment_tiled(d.model_input, self.tiling)
+                lab: np.ndarray | str = d
+            elif self._tiled(d):
+                lab = _or_memory_error(self.segmenter.segment_tiled, d.model_input, self.tiling)
             else:
-                lab = next(labels)
-            full = codecs.restore_size(lab, d.size)
+                lab = next(whole)
+            if isinstance(lab, str):
+                results.append(BulkResult(None, [], error=lab))
+                continue
+            full = codecs.restore_size(lab, d.size)  # type: ignore[union-attr]
             results.append(BulkResult(full, codecs.summary(full, self.meta.class_names)))
         return results
+
+    def _labels(self, images: list[np.ndarray]) -> list[np.ndarray | str]:
+        """Label maps of a batch; if it runs out of memory, each image alone (as the server
+        splits such a batch), so that an image too large for the device fails alone."""
+        try:
+            return list(self.segmenter.segment(images))
+        except Exception as exc:
+            if not out_of_memory(exc):
+                raise
+        return [_or_memory_error(lambda im: self.segmenter.segment([im])[0], im) for im in images]
 
     def _tiled(self, image: codecs.DecodedImage) -> bool:
         return self.tiling.tiles(*image.model_input.shape[:2], self.settings.max_side)
@@ -150,6 +162,24 @@ def as_rgb(image: object) -> np.ndarray | str:
             f"415: an image array of shape {array.shape} and type {array.dtype} is not a "
             f"picture ({exc})"
         )
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a device or host running out of memory (torch's CPU allocator
+    raises a plain RuntimeError for it)."""
+    return isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
+
+
+def _or_memory_error(run: Callable[..., np.ndarray], *args: object) -> np.ndarray | str:
+    """``run(*args)``, or its running out of memory worded as the server's answer (413)."""
+    try:
+        return run(*args)
+    except Exception as exc:
+        if not out_of_memory(exc):
+            raise
+        return f"413: the image does not fit in memory ({type(exc).__name__}: {exc})"
 
 
 def _attempt(

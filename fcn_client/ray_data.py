@@ -4,12 +4,13 @@ This module owns the Ray Data face of :mod:`fcn_client.bulk`: turning a batch of
 of numpy columns, ``batch_format="numpy"``) into the server's answers as columns, how actors
 size themselves to the CPUs Ray gives them, and writing each row's PNG to a folder. What
 decides the bytes stays in ``BulkSegmenter`` (the server's settings, model and codecs), so a
-``labels_png`` here is what ``POST /segment?output=labels`` answers for the same file::
+``labels_png`` of a ``read_binary_files`` row is what ``POST /segment?output=labels`` answers
+for the same file (on the CPU decode path: ``FCN_DECODE_ON_DEVICE`` is the server's alone)::
 
     import ray
     from fcn_client.ray_data import RaySegmenter
 
-    ds = ray.data.read_binary_files("photos/", include_paths=True)  # or read_images(...)
+    ds = ray.data.read_binary_files("photos/", include_paths=True)
     ds = ds.map_batches(
         RaySegmenter,
         fn_constructor_kwargs={"weights": "weights/fcn8s-lite0-camvid.safetensors"},
@@ -21,11 +22,15 @@ decides the bytes stays in ``BulkSegmenter`` (the server's settings, model and c
 
 Input columns: ``bytes`` (``read_binary_files``: encoded images, decoded as the server
 decodes them) or ``image`` (``read_images``: pixel arrays, any sizes; grey, grey+alpha and
-RGBA arrays are converted as the server converts those modes); ``path`` is passed through.
+RGBA arrays are converted as the server converts those modes, but Ray has decoded them its own
+way: no EXIF orientation, palette images as indices, CMYK as four channels; its labels are
+those of the pixels given, not the server's for the file); ``path`` is passed through.
 Output columns: ``labels_png`` (bytes, empty on error), ``classes`` (JSON text: the classes
 present, as in the server's JSON answer), ``error`` (``""`` when fine, else "<HTTP status>:
 <what is wrong>", as the server would answer), and ``labels`` (H x W uint8, 0 x 0 on error)
-when asked for. A bad image is a row with ``error`` set, never a failed task.
+when asked for. A file that cannot be decoded is a row with ``error`` set, never a failed
+task, for ``read_binary_files``; ``read_images`` fails its read task on such a file, before
+this class sees it.
 
 Ray itself is imported only where a dataset is built (:func:`segment_dataset`), and torch
 only in the actors, so ``import fcn_client.ray_data`` costs neither.

@@ -414,9 +414,12 @@ class Segmenter:
         """One image's label map at full resolution, from overlapping tiles (``fcn_core.tiling``)
         run in batches as large as the tile's bucket allows."""
         p = self.predictor
-        tile = (min(policy.size, image.shape[0]), min(policy.size, image.shape[1]))
-        batch = p.capacity(bucket_of(*tile, p.bucket_multiple))
-        return segment_tiled(image, lambda tiles: self.predict_batch(tiles, True), policy, batch)
+        return segment_tiled(
+            image,
+            lambda tiles: self.predict_batch(tiles, scores=True),
+            policy,
+            lambda h, w: p.capacity(bucket_of(h, w, p.bucket_multiple)),
+        )
 
     def segment(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Label maps for ``images``, in order; batches formed as the server forms them."""

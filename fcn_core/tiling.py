@@ -14,8 +14,9 @@ of a pixel is the same for every class, no normalisation by the summed weights i
 
 Memory stays bounded by a band, not by the image: tiles are added row by row (top to bottom),
 and once a row of tiles is in, every image row above the next tile row is final, so the band
-of blended scores is one tile high and as wide as the image (21 classes x 1024 x 8000 pixels
-is 1 GB in float32 with 1536-pixel tiles).
+of blended scores is one tile high and as wide as the image (21 classes x 1536 x 8000 pixels
+is 1 GB in float32), besides the scores of the tiles in flight (float16, 99 MB for a
+1536-pixel tile of 21 classes).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ class TilePolicy:
       in tiles instead of being downscaled; smaller images are untouched.
     - ``on``: every image larger than one tile is segmented in tiles, at full resolution.
 
-    ``size`` is a tile's side and ``overlap`` the band neighbours share (both multiples of the
-    bucket multiple, so a tile is its own size bucket); ``max_pixels`` limits what is tiled.
+    ``size`` is a tile's side (a multiple of the bucket multiple, so that a tile is padded to
+    nothing) and ``overlap`` the band neighbours share; ``max_pixels`` limits what is tiled.
     """
 
     mode: TileMode = "auto"
@@ -130,6 +131,11 @@ class TileBlender:
     def done(self) -> bool:
         return self._added == len(self.tiles)
 
+    def batches(self, capacity: int) -> list[list[Tile]]:
+        """The tiles in plan order, ``capacity`` at a time: how every caller runs them (the
+        server's batcher and the in-process core alike, so that their labels are the same)."""
+        return [self.tiles[i : i + capacity] for i in range(0, len(self.tiles), capacity)]
+
     def add(self, scores: np.ndarray) -> None:
         """Blend the next tile's C x h x w class scores."""
         tile = self.tiles[self._added]
@@ -159,14 +165,15 @@ def segment_tiled(
     image: np.ndarray,
     scores: Callable[[list[np.ndarray]], list[np.ndarray]],
     policy: TilePolicy,
-    chunk: int = 1,
+    capacity: Callable[[int, int], int],
 ) -> np.ndarray:
-    """An H x W x 3 image's label map at full resolution; ``scores`` runs ``chunk`` tiles at a
-    time (H x W x 3 crops) to their C x h x w class scores."""
+    """An H x W x 3 image's label map at full resolution; ``scores`` runs a batch of tiles
+    (H x W x 3 crops) to their C x h x w class scores, ``capacity(height, width)`` tiles of a
+    tile's size at a time."""
     h, w = image.shape[:2]
     blender = TileBlender(h, w, policy.size, policy.overlap)
-    tiles = blender.tiles
-    for i in range(0, len(tiles), chunk):
-        for s in scores([tile.cut(image) for tile in tiles[i : i + chunk]]):
+    first = blender.tiles[0]
+    for batch in blender.batches(capacity(first.height, first.width)):
+        for s in scores([tile.cut(image) for tile in batch]):
             blender.add(s)
     return blender.labels

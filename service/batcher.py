@@ -4,9 +4,10 @@ Policy (all of it configuration):
 - A request's wait for batch-mates is timed from its *arrival*, so time spent queued behind a
   running batch counts; a request that already waited its delay is dispatched at once.
 - A batch holds one size bucket (padded sizes, multiples of 32), up to ``max_batch_size``
-  images and ``max_batch_pixels`` padded pixels, and one kind of output: label maps, or the
-  class scores of tiles (``fcn_core.tiling``) that the request then blends; the oldest request's bucket goes first, and a
-  bucket that is already full goes instead of idling.
+  images and ``max_batch_pixels`` padded pixels, and one kind of output: label maps, or
+  the class scores of tiles (``fcn_core.tiling``) that the request then blends; the
+  oldest request's bucket goes first, and a bucket that is already full goes instead of
+  idling.
 - The queue is bounded (``QueueFull`` -> 503); requests past their deadline or cancelled
   (client gone) are dropped before compute.
 
@@ -332,8 +333,10 @@ class DynamicBatcher:
         for size, seconds in prediction.passes:
             self._metrics.batch_size.observe(size)
             self._metrics.inference_duration.observe(seconds)
-        self._metrics.images.inc(sum(isinstance(x, np.ndarray) for x in prediction.labels))
-        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * infer_s / len(batch)
+        if not batch[0].scores:  # tiles are parts of an image: neither images nor a guide
+            # to how long a queued image waits (Retry-After)
+            self._metrics.images.inc(sum(isinstance(x, np.ndarray) for x in prediction.labels))
+            self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * infer_s / len(batch)
         for job, labels in zip(batch, prediction.labels, strict=True):
             if isinstance(labels, Exception):  # this image alone failed (its decoding)
                 job.resolve(labels)

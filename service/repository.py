@@ -60,6 +60,7 @@ class ServedModel:
     leases: int = 0
     tile_slot: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
     """Held while an image of this model is blended from tiles (service/stages.py)."""
+    tiled_waiting: int = 0  # requests waiting for the tile slot
 
     @property
     def version(self) -> str:

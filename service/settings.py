@@ -138,8 +138,9 @@ class Settings(BaseSettings):
         description="Images too large for one pass: `auto` segments an image whose longer "
         "side exceeds `FCN_MAX_SIDE` (and a tile) at full resolution, in overlapping tiles "
         "blended into one label map, instead of downscaling it; `on` tiles every image "
-        "larger than a tile; `off` downscales to `FCN_MAX_SIDE`. A request may choose with "
-        "`?tile=` (the protocol routes: the `tile` parameter).",
+        "larger than a tile; `off` downscales to `FCN_MAX_SIDE`. With `auto` or `on`, a request "
+        "may choose with `?tile=` (the protocol routes: the `tile` parameter); with `off`, "
+        "requests cannot turn tiling on.",
     )
     tile_size: int = Field(
         TILE.size,
@@ -342,11 +343,11 @@ class Settings(BaseSettings):
         return dataclasses.replace(config, backend="torch") if self.trivial_model else config
 
     def tile_policy(self, mode: TileMode | None = None) -> TilePolicy:
-        """How images too large for one pass are segmented; ``mode`` overrides ``FCN_TILE``
-        (a request's ``?tile=``)."""
-        return TilePolicy(
-            mode or self.tile, self.tile_size, self.tile_overlap, self.tile_max_pixels
-        )
+        """How images too large for one pass are segmented; ``mode`` (a request's ``?tile=``)
+        overrides ``FCN_TILE``, except that an operator's ``off`` stays off: tiled images
+        take more pixels, memory and time than the operator allowed."""
+        chosen = "off" if self.tile == "off" else mode or self.tile
+        return TilePolicy(chosen, self.tile_size, self.tile_overlap, self.tile_max_pixels)
 
     def queue_policy(self) -> QueuePolicy:
         return self._config(QueuePolicy)
@@ -359,8 +360,13 @@ class Settings(BaseSettings):
         return self.codec_threads or min(4, os.cpu_count() or 1)
 
     def warmup_shapes(self) -> list[tuple[int, int]]:
-        """(height, width) pairs."""
-        return [parse_size(s) for s in _split(self.warmup_sizes)]
+        """(height, width) pairs; a compiled model also warms a full tile when tiling may
+        apply, so that the first large image does not compile (or record a CUDA graph) while
+        serving. Tiles at an image's edges may be narrower and still meet a cold shape."""
+        shapes = [parse_size(s) for s in _split(self.warmup_sizes)]
+        if self.compile and self.tile != "off":
+            shapes.append((self.tile_size, self.tile_size))
+        return shapes
 
     @classmethod
     def table(cls) -> str:

@@ -27,7 +27,14 @@ from fcn_core.inference import bucket_of
 from fcn_core.tiling import TileBlender, TilePolicy
 from fcn_core.weights import WeightsMetadata
 from service import codecs
-from service.batcher import DeadlineExceeded, DynamicBatcher, Job, JobResult, ShuttingDown
+from service.batcher import (
+    DeadlineExceeded,
+    DynamicBatcher,
+    Job,
+    JobResult,
+    QueueFull,
+    ShuttingDown,
+)
 from service.context import RequestContext
 from service.repository import ServedModel
 from service.runner import ModelInput
@@ -117,7 +124,7 @@ async def predict(
         tiling.tiles(*image.model_input.shape[:2], state.settings.max_side) for image in images
     ]
     whole = [image.model_input for image, t in zip(images, tiled, strict=True) if not t]
-    results = await run_jobs(request, served.batcher, whole, deadline) if whole else []
+    results = await submit_and_wait(request, served.batcher, whole, deadline) if whole else []
     labels = iter(r.labels for r in results)
     # The request waited for its slowest image: batch-mates share their batch's figures.
     times = [(max(r.queue_s for r in results), max(r.infer_s for r in results))] if results else []
@@ -137,29 +144,37 @@ async def predict(
     return answers
 
 
-async def run_jobs(
-    request: Request,
-    batcher: DynamicBatcher,
-    images: Sequence[ModelInput],
-    deadline: float,
-    scores: bool = False,
+async def submit_and_wait(
+    request: Request, batcher: DynamicBatcher, images: Sequence[ModelInput], deadline: float
 ) -> list[JobResult]:
-    """Submit ``images`` to ``batcher`` and wait for all of their results."""
-    return await results_of(request, batcher, batcher.submit(images, deadline, scores), deadline)
+    """Submit ``images`` to ``batcher`` and wait for all of their label maps."""
+    return await results_of(request, batcher, batcher.submit(images, deadline), deadline)
 
 
 async def results_of(
     request: Request, batcher: DynamicBatcher, jobs: list[Job], deadline: float
 ) -> list[JobResult]:
     """The results of submitted jobs; whatever ends the wait (an error, the client gone, the
-    deadline, this task cancelled), nothing is left behind: queued jobs are withdrawn
-    before compute."""
+    deadline, this task cancelled), nothing is left behind (``abandon``)."""
     try:
         return await wait_for_jobs(request, jobs, deadline)
     finally:
-        if not all(job.future.done() for job in jobs):
-            batcher.cancel(jobs)
-        release(jobs)
+        abandon(batcher, jobs)
+
+
+def abandon(batcher: DynamicBatcher, jobs: Sequence[Job]) -> None:
+    """Jobs nobody will wait for: the queued ones withdrawn before compute, every future
+    released (repeating this is harmless)."""
+    if not all(job.future.done() for job in jobs):
+        batcher.cancel(jobs)
+    release(jobs)
+
+
+TILED_IMAGES_WAITING = 4
+"""Tiled images that may wait for their model's tile slot; more get 503. Each waiter holds its
+full-resolution image (an 8000 x 6000 photo is 144 MB), so the wait is bounded, not the
+queue's 64."""
+TILED_RETRY_AFTER_S = 10
 
 
 async def predict_tiled(
@@ -176,36 +191,64 @@ async def predict_tiled(
     batch queued while this one computes) and their scores are blended, in the codec pool,
     as they come. One tiled image per model at a time: its blending band is the large part.
     """
-    try:
-        await asyncio.wait_for(served.tile_slot.acquire(), max(0.0, deadline - time.monotonic()))
-    except TimeoutError:
-        raise DeadlineExceeded() from None
+    await take_tile_slot(request, served, deadline)
+    batcher = served.batcher
+    in_flight: list[list[Job]] = []
     try:
         start = time.monotonic()
         blender = TileBlender(*image.shape[:2], tiling.size, tiling.overlap)
-        batcher = served.batcher
         first = blender.tiles[0]
-        step = batcher.capacity(bucket_of(first.height, first.width, batcher.bucket_multiple))
-        chunks = [blender.tiles[i : i + step] for i in range(0, len(blender.tiles), step)]
+        batches = blender.batches(
+            batcher.capacity(bucket_of(first.height, first.width, batcher.bucket_multiple))
+        )
+
+        def submit(k: int) -> None:
+            tiles = [t.cut(image) for t in batches[k]]
+            in_flight.append(batcher.submit(tiles, deadline, scores=True))
+
         queue_s = 0.0  # the first batch's: later ones are queued while the previous computes
-        ahead = batcher.submit([t.cut(image) for t in chunks[0]], deadline, scores=True)
-        for k in range(len(chunks)):
-            current, ahead = ahead, []
-            try:
-                if k + 1 < len(chunks):
-                    ahead = batcher.submit([t.cut(image) for t in chunks[k + 1]], deadline, True)
-                results = await results_of(request, batcher, current, deadline)
-            except BaseException:
-                batcher.cancel(ahead)
-                release(ahead)
-                raise
+        submit(0)
+        for k in range(len(batches)):
+            if k + 1 < len(batches):
+                submit(k + 1)
+            results = await results_of(request, batcher, in_flight.pop(0), deadline)
             for r in results:
                 await state.in_codec_pool(blender.add, r.labels)
             queue_s = queue_s or max(r.queue_s for r in results)
         # Inference is the rest of the wall time: tiles computing, and blending beside them.
         return blender.labels, queue_s, time.monotonic() - start - queue_s
     finally:
+        for jobs in in_flight:  # an error, the client gone, the deadline: nothing left behind
+            abandon(batcher, jobs)
         served.tile_slot.release()
+
+
+async def take_tile_slot(request: Request, served: ServedModel, deadline: float) -> None:
+    """Wait for the model's tile slot, within the deadline, while the client stays; 503 when
+    too many tiled images already wait."""
+    slot = served.tile_slot
+    if slot.locked() and served.tiled_waiting >= TILED_IMAGES_WAITING:
+        raise QueueFull(TILED_RETRY_AFTER_S)
+    served.tiled_waiting += 1
+    taken = asyncio.ensure_future(slot.acquire())
+    gone = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait(
+            {taken, gone},
+            timeout=max(0.0, deadline - time.monotonic()),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+    finally:
+        served.tiled_waiting -= 1
+        if not taken.done():
+            taken.cancel()  # a cancelled acquire gives the slot on to the next waiter
+        left = gone.done() and not gone.cancelled() and gone.exception() is None
+        gone.cancel()
+    if taken.done() and not taken.cancelled():
+        return
+    if left:
+        raise ClientDisconnect("while waiting for the tile slot")
+    raise DeadlineExceeded()
 
 
 async def wait_for_jobs(request: Request, jobs: Sequence[Job], deadline: float) -> list[JobResult]:

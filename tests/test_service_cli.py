@@ -106,6 +106,11 @@ def test_environment_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None
     assert s.api_key is not None and s.api_key.get_secret_value() == "k"
     assert s.warmup_shapes() == [(360, 480), (32, 64)]
     assert "k" not in repr(s.api_key)
+    # A compiled model warms a whole tile too, unless tiling is off.
+    monkeypatch.setenv("FCN_COMPILE", "true")
+    assert Settings().warmup_shapes() == [(360, 480), (32, 64), (1536, 1536)]
+    monkeypatch.setenv("FCN_TILE", "off")
+    assert Settings().warmup_shapes() == [(360, 480), (32, 64)]
 
 
 def test_relative_weights_path_resolves_from_cwd_then_the_package(

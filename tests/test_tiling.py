@@ -11,8 +11,10 @@ import base64
 import io
 import itertools
 import json
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -21,8 +23,15 @@ from fcn_client.bulk import BulkSegmenter
 from fcn_core.inference import InferenceConfig, Segmenter
 from fcn_core.shipped import DEFAULT_WEIGHTS_NAME, default_weights_dir
 from fcn_core.tiling import TileBlender, TilePolicy, plan_tiles, ramp, tile_starts
-from fcn_core.weights import load_weights
-from tests.conftest import SHARED_DATA, LiveServer, ServeFactory, labels_from_png, test_settings
+from fcn_core.weights import LoadedWeights, load_weights
+from tests.conftest import (
+    SHARED_DATA,
+    InstrumentedModel,
+    LiveServer,
+    ServeFactory,
+    labels_from_png,
+    test_settings,
+)
 
 PHOTOS = SHARED_DATA / "voc-photos"
 SMALL_TILES = {"max_side": 320, "tile_size": 256, "tile_overlap": 64}
@@ -80,18 +89,24 @@ def test_ramp_weights_fall_towards_the_edges_and_never_reach_zero() -> None:
     assert np.all(np.diff(w[:256]) > 0) and np.all(np.diff(w[-256:]) < 0)
 
 
-def test_blender_is_the_argmax_of_the_weighted_sum() -> None:
+@pytest.mark.parametrize(
+    ("h", "w", "size", "overlap"),
+    [(300, 420, 128, 32), (100, 1000, 128, 32), (1000, 60, 128, 0), (257, 257, 128, 63)],
+)
+def test_blender_is_the_argmax_of_the_weighted_sum(h: int, w: int, size: int, overlap: int) -> None:
     # Random scores per tile, blended by the band-at-a-time blender, against the sum over
-    # the whole image computed directly.
-    h, w, size, overlap, classes = 300, 420, 128, 32, 5
+    # the whole image computed directly; images thinner than a tile, one row or one column of
+    # tiles, no overlap.
+    classes = 5
     blender = TileBlender(h, w, size, overlap)
     rng = np.random.default_rng(0)
     total = np.zeros((classes, h, w), np.float32)
-    weights = np.outer(ramp(size, overlap), ramp(size, overlap))
+    th, tw = min(size, h), min(size, w)
+    weights = np.outer(ramp(th, overlap), ramp(tw, overlap))
     for tile in blender.tiles:
-        scores = rng.normal(size=(classes, size, size)).astype(np.float16)
+        scores = rng.normal(size=(classes, th, tw)).astype(np.float16)
         blender.add(scores)
-        region = total[:, tile.top : tile.top + size, tile.left : tile.left + size]
+        region = total[:, tile.top : tile.top + th, tile.left : tile.left + tw]
         region += scores * weights
     assert blender.done
     np.testing.assert_array_equal(blender.labels, total.argmax(0))
@@ -110,8 +125,11 @@ def test_tile_policy_decides_from_the_mode() -> None:
 # -- quality on real photos, shipped weights --------------------------------------------------
 
 
+Stitched = tuple[np.ndarray, np.ndarray, np.ndarray, TilePolicy]
+
+
 @pytest.fixture(scope="module")
-def stitched() -> tuple[np.ndarray, np.ndarray, np.ndarray, TilePolicy]:
+def stitched() -> Stitched:
     """(image, whole-pass labels, tiled labels, policy) for a 2560 x 1920 mosaic: 2 x 2 tiles
     of the default size."""
     weights = default_weights_dir() / DEFAULT_WEIGHTS_NAME
@@ -123,13 +141,13 @@ def stitched() -> tuple[np.ndarray, np.ndarray, np.ndarray, TilePolicy]:
     return image, whole, tiled, policy
 
 
-def test_tiled_labels_agree_with_one_whole_image_pass(stitched) -> None:
+def test_tiled_labels_agree_with_one_whole_image_pass(stitched: Stitched) -> None:
     _, whole, tiled, _ = stitched
     agreement = float((whole == tiled).mean())
     assert agreement >= 0.99, agreement
 
 
-def test_no_seam_along_tile_edges(stitched) -> None:
+def test_no_seam_along_tile_edges(stitched: Stitched) -> None:
     """Label changes across each line where a tile starts or ends are no more frequent in
     the tiled map than in the whole-image map along the same line (a seam would add them)."""
     image, whole, tiled, policy = stitched
@@ -155,17 +173,18 @@ def large() -> np.ndarray:
     return mosaic(2, 2, cell=(250, 350))
 
 
-def bulk_labels(weights: Path, data: bytes, **overrides: object) -> np.ndarray:
+def bulk_answer(weights: Path, data: bytes, **overrides: object) -> tuple[np.ndarray, bytes]:
+    """The bulk core's label map and label PNG for ``data``, under the server's settings."""
     bulk = BulkSegmenter(test_settings(weights, **SMALL_TILES, **overrides), load_weights(weights))
     try:
         (result,) = bulk.segment([data])
         assert result.labels is not None, result.error
-        return result.labels
+        return result.labels, bulk.png(result)
     finally:
         bulk.close()
 
 
-def post(server: LiveServer, data: bytes, **params: str):
+def post(server: LiveServer, data: bytes, **params: str) -> httpx.Response:
     return server.client.post(
         "/segment", params=params, files={"image": ("large.jpg", data, "image/jpeg")}
     )
@@ -185,13 +204,40 @@ def test_server_tiles_through_the_batcher_as_bulk_does(
     # at most, and they come a batch's worth at a time).
     assert server.metric("fcn_batch_size_count") - batches >= 6
     assert server.metric("fcn_batch_size_sum") >= 12
-    np.testing.assert_array_equal(labels, bulk_labels(service_weights, data))
+    assert answer.content == bulk_answer(service_weights, data)[1]  # byte for byte
     # tile=off: downscaled to 320 and scaled back, as bulk does with FCN_TILE=off.
     off = post(server, data, tile="off")
     assert off.status_code == 200, off.text
-    off_labels, _ = labels_from_png(off.content)
-    np.testing.assert_array_equal(off_labels, bulk_labels(service_weights, data, tile="off"))
-    assert not np.array_equal(off_labels, labels)
+    assert off.content == bulk_answer(service_weights, data, tile="off")[1]
+    assert not np.array_equal(labels_from_png(off.content)[0], labels)
+
+
+def test_an_operators_off_cannot_be_turned_on(
+    serve: ServeFactory, service_weights: Path, large: np.ndarray
+) -> None:
+    server = serve(**SMALL_TILES, tile="off")
+    data = jpeg(large)
+    on = post(server, data, tile="on")
+    assert on.status_code == 200, on.text
+    assert on.content == bulk_answer(service_weights, data, tile="off")[1]
+
+
+def test_a_tiled_request_past_its_deadline_leaves_nothing_behind(
+    serve: ServeFactory, reference: LoadedWeights, large: np.ndarray
+) -> None:
+    """12 tiles at 0.3 s each cannot finish in 1 s: 504, the tiles not yet run are withdrawn
+    (the queue is empty, the model stops), and the next request is answered."""
+    slow = InstrumentedModel(reference.model, delay_s=0.3)
+    server = serve(model=slow, meta=reference.meta, request_timeout_s=1.0, **SMALL_TILES)
+    answer = post(server, jpeg(large))
+    assert answer.status_code == 504, answer.text
+    time.sleep(0.8)  # a batch that was running when the deadline passed finishes
+    computed = slow.images_computed
+    assert computed < 12
+    assert server.metric("fcn_queue_depth") == 0
+    small = post(server, jpeg(large[:200, :300]))
+    assert small.status_code == 200, small.text
+    assert slow.images_computed == computed + 1
 
 
 def test_an_image_that_fits_one_tile_is_not_tiled(serve: ServeFactory, large: np.ndarray) -> None:
@@ -220,7 +266,7 @@ def test_a_bad_tile_mode_is_a_clear_error(serve: ServeFactory, large: np.ndarray
 def test_protocol_infer_tiles_with_its_tile_parameter(
     serve: ServeFactory, service_weights: Path, large: np.ndarray
 ) -> None:
-    server = serve(**SMALL_TILES, tile="off")
+    server = serve(**SMALL_TILES)
     data = jpeg(large)
     name = service_weights.stem
     encoded = base64.b64encode(data).decode()
@@ -235,8 +281,9 @@ def test_protocol_infer_tiles_with_its_tile_parameter(
         (out,) = [o for o in answer.json()["outputs"] if o["name"] == "LABELS"]
         return np.asarray(out["data"], np.uint8).reshape(out["shape"])[0]
 
-    tiled = infer({"tile": "on"})
-    np.testing.assert_array_equal(tiled, bulk_labels(service_weights, data))
+    np.testing.assert_array_equal(infer({}), bulk_answer(service_weights, data)[0])  # tiled
+    downscaled = bulk_answer(service_weights, data, tile="off")[0]
+    np.testing.assert_array_equal(infer({"tile": "off"}), downscaled)
     bad = server.client.post(
         f"/v2/models/{name}/infer",
         content=json.dumps({"inputs": [], "parameters": {"tile": "always"}}),
