@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's one test command (README, .ci/run): install, then run every test.
-# nginx, Prometheus and Chromium come from Debian's packages where apt-get can install them;
+# nginx, Prometheus, Chromium and a Java runtime (Spark) come from Debian's packages where apt-get can install them;
 # the tests that need them skip with a visible reason where they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,7 @@ if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   command -v envsubst >/dev/null 2>&1 || missing+=(gettext-base)
+  command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)  # Spark's tests
   if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]} from Debian's packages"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
