@@ -19,19 +19,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from fcn_client.local import build_local
-from fcn_core.inference import Segmenter
-from fcn_core.weights import LoadedWeights
+from fcn_client.local import InProcessModel
 from service import codecs
-from service.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -52,32 +47,11 @@ class BulkResult:
         return json.dumps([c.model_dump(mode="json") for c in self.classes])
 
 
-class BulkSegmenter:
+class BulkSegmenter(InProcessModel):
     """Encoded images (or RGB arrays) -> :class:`BulkResult`, a batch at a time.
 
     Not thread-safe: one caller at a time (an engine's worker or actor holds one each).
     """
-
-    def __init__(self, settings: Settings, loaded: LoadedWeights) -> None:
-        self.settings = settings
-        self.meta = loaded.meta
-        self.tiling = settings.tile_policy()
-        self.segmenter = Segmenter(
-            loaded.model, loaded.meta.normalization, settings.inference(), loaded.meta
-        )
-        self._codecs = ThreadPoolExecutor(
-            settings.resolved_codec_threads(), thread_name_prefix="fcn-codec"
-        )
-
-    @classmethod
-    def from_environment(
-        cls,
-        weights: str | Path | None = None,
-        device: str | None = None,
-        backend: str | None = None,
-    ) -> BulkSegmenter:
-        """What ``fcn-serve`` would run, given this environment and these overrides."""
-        return build_local(cls, weights, device, backend)
 
     def segment(self, blobs: Sequence[bytes]) -> list[BulkResult]:
         """Encoded images (JPEG, PNG, ...) -> their results, in order."""
@@ -116,12 +90,12 @@ class BulkSegmenter:
         """Decoded images through the model, batched by size bucket, or one at a time in
         tiles where the tiling says so (as the server does); errors passed through."""
         images = [d for d in decoded if isinstance(d, codecs.DecodedImage)]
-        whole = iter(self._labels([d.model_input for d in images if not self._tiled(d)]))
+        whole = iter(self._labels([d.model_input for d in images if not self.tiled(d)]))
         results = []
         for d in decoded:
             if isinstance(d, str):
                 lab: np.ndarray | str = d
-            elif self._tiled(d):
+            elif self.tiled(d):
                 lab = _or_memory_error(self.segmenter.segment_tiled, d.model_input, self.tiling)
             else:
                 lab = next(whole)
@@ -141,9 +115,6 @@ class BulkSegmenter:
             if not out_of_memory(exc):
                 raise
         return [_or_memory_error(lambda im: self.segmenter.segment([im])[0], im) for im in images]
-
-    def _tiled(self, image: codecs.DecodedImage) -> bool:
-        return self.tiling.tiles(*image.model_input.shape[:2], self.settings.max_side)
 
     def close(self) -> None:
         self._codecs.shutdown(wait=False, cancel_futures=True)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from fcn_client.cli import add_model_arguments
 from fcn_client.jobs import BackendSetupError, Job, Summary, collect_jobs, output_paths
 from fcn_client.wire import ImageFormat, Output
 from fcn_core.files import atomic_write
@@ -67,13 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per batch (16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--weights", help="weights file (default: FCN_WEIGHTS, as fcn-serve)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default: FCN_DEVICE, as fcn-serve)")
-    p.add_argument(
-        "--backend",
-        choices=["auto", "torch", "onnxruntime", "openvino"],
-        help="what runs the network (default: FCN_BACKEND, as fcn-serve)",
-    )
+    add_model_arguments(p)
     ray = p.add_argument_group(
         "on Ray Data",
         "ray.init() starts a local Ray unless RAY_ADDRESS names a cluster; then --weights "

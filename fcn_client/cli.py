@@ -86,14 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
         "At least two batches' worth of images are kept in flight, whatever -j says.",
     )
     local.add_argument("--local", action="store_true", help="run the model here")
-    local.add_argument("--weights", help="weights file (default: FCN_WEIGHTS, as fcn-serve)")
-    local.add_argument("--device", help="cpu, cuda, cuda:N (default: FCN_DEVICE, as fcn-serve)")
-    local.add_argument(
+    add_model_arguments(local)
+    return p
+
+
+def add_model_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--weights, --device and --backend: the in-process model's overrides of ``FCN_*``
+    (``fcn-segment --local`` and ``fcn-segment-bulk``)."""
+    parser.add_argument("--weights", help="weights file (default: FCN_WEIGHTS, as fcn-serve)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: FCN_DEVICE, as fcn-serve)")
+    parser.add_argument(
         "--backend",
         choices=["auto", "torch", "onnxruntime", "openvino"],
         help="what runs the network (default: FCN_BACKEND, as fcn-serve)",
     )
-    return p
 
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:

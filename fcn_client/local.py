@@ -23,7 +23,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import numpy as np
 import torch
@@ -155,8 +155,9 @@ def server_render() -> Callable[..., bytes]:
     return render_bytes
 
 
-class LocalBackend:
-    """The server's decode, model and encode in this process; see the module docstring."""
+class InProcessModel:
+    """The server's settings, model (with its tiling) and codec threads in this process:
+    what ``--local`` and bulk jobs (``fcn_client.bulk``) share."""
 
     def __init__(self, settings: Settings, loaded: LoadedWeights) -> None:
         self.settings = settings
@@ -165,11 +166,31 @@ class LocalBackend:
         self.segmenter = Segmenter(
             loaded.model, loaded.meta.normalization, settings.inference(), loaded.meta
         )
-        self.segmenter.meta = loaded.meta
-        self._render = server_render()
         self._codecs = ThreadPoolExecutor(
             settings.resolved_codec_threads(), thread_name_prefix="fcn-codec"
         )
+
+    @classmethod
+    def from_environment(
+        cls,
+        weights: str | Path | None = None,
+        device: str | None = None,
+        backend: str | None = None,
+    ) -> Self:
+        """What ``fcn-serve`` would run, given this environment and these overrides."""
+        return build_local(cls, weights, device, backend)
+
+    def tiled(self, image: codecs.DecodedImage) -> bool:
+        """Whether the image is segmented in tiles (``FCN_TILE``), as the server decides."""
+        return self.tiling.tiles(*image.model_input.shape[:2], self.settings.max_side)
+
+
+class LocalBackend(InProcessModel):
+    """The server's decode, model and encode in this process; see the module docstring."""
+
+    def __init__(self, settings: Settings, loaded: LoadedWeights) -> None:
+        super().__init__(settings, loaded)
+        self._render = server_render()
         # The model runs on one thread, whoever calls, as in the server's runner: CUDA graphs
         # recorded by a compiled model belong to the thread that recorded them.
         self._device = ThreadPoolExecutor(1, thread_name_prefix="fcn-device")
@@ -180,16 +201,6 @@ class LocalBackend:
                 self._shutdown()
                 raise
         self.window = BatchWindow(self._compute, self.segmenter.predictor.max_batch_size())
-
-    @classmethod
-    def from_environment(
-        cls,
-        weights: str | Path | None = None,
-        device: str | None = None,
-        backend: str | None = None,
-    ) -> LocalBackend:
-        """The backend ``fcn-serve`` would be, given this environment and these overrides."""
-        return build_local(cls, weights, device, backend)
 
     def in_flight(self, requested: int) -> int:
         """Two batches' worth at least: one computing while the next reads and decodes."""
@@ -205,7 +216,7 @@ class LocalBackend:
         except BaseException:
             self.window.withdraw()
             raise
-        if self.tiling.tiles(*image.model_input.shape[:2], self.settings.max_side):
+        if self.tiled(image):
             self.window.withdraw()  # not for the window: cut into tiles, on the device thread
             labels = await self._in(
                 self._device, self.segmenter.segment_tiled, image.model_input, self.tiling
