@@ -89,13 +89,21 @@ class BulkSegmenter(InProcessModel):
     def _segment(self, decoded: list[codecs.DecodedImage | str]) -> list[BulkResult]:
         """Decoded images through the model, batched by size bucket, or one at a time in
         tiles where the tiling says so (as the server does); errors passed through."""
-        images = [d for d in decoded if isinstance(d, codecs.DecodedImage)]
-        whole = iter(self._labels([d.model_input for d in images if not self.tiled(d)]))
+        tiled = [isinstance(d, codecs.DecodedImage) and self.tiled(d) for d in decoded]
+        whole = iter(
+            self._labels(
+                [
+                    d.model_input
+                    for d, t in zip(decoded, tiled, strict=True)
+                    if isinstance(d, codecs.DecodedImage) and not t
+                ]
+            )
+        )
         results = []
-        for d in decoded:
+        for d, t in zip(decoded, tiled, strict=True):
             if isinstance(d, str):
                 lab: np.ndarray | str = d
-            elif self.tiled(d):
+            elif t:
                 lab = _or_memory_error(self.segmenter.segment_tiled, d.model_input, self.tiling)
             else:
                 lab = next(whole)

@@ -342,6 +342,23 @@ class Predictor:
             out = self.scores(x, len(sizes)) if scores else self.labels(x, len(sizes))
             return out.cpu().numpy()
 
+    def staging_shape(self, images: Sequence[object]) -> tuple[int, int, int, int]:
+        """N x Hb x Wb x 3: the padded batch that holds ``images`` (their shared bucket, and
+        the rows a compiled model runs)."""
+        sizes = [im.shape[:2] for im in images]  # type: ignore[attr-defined]
+        bucket = bucket_of(max(h for h, _ in sizes), max(w for _, w in sizes), self.bucket_multiple)
+        return self.batch_rows(bucket, len(images)), *bucket, 3
+
+    def predict_padded(
+        self, host: torch.Tensor, images: Sequence[np.ndarray], scores: bool = False
+    ) -> list[np.ndarray]:
+        """``images`` padded into ``host`` (a ``staging_shape`` buffer), run synchronously,
+        each answer cropped back to its image's size: label maps, or with ``scores`` float16
+        class scores."""
+        sizes = [im.shape[:2] for im in images]
+        pad_into(host.numpy(), images)
+        return crop(self.predict_host(host, sizes, scores), sizes)  # type: ignore[return-value]
+
     def warmup_plan(self, sizes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
         """(height, width) -> the batch sizes to warm: 1 and the full batch of its bucket, or
         every size a compiled model will run."""
@@ -402,13 +419,9 @@ class Segmenter:
     def predict_batch(self, images: Sequence[np.ndarray], scores: bool = False) -> list[np.ndarray]:
         """H x W x 3 uint8 images (any sizes; one bucket is fastest) -> their label maps, or
         with ``scores`` their C x H x W float16 class scores."""
-        sizes = [im.shape[:2] for im in images]
         p = self.predictor
-        bucket = bucket_of(max(h for h, _ in sizes), max(w for _, w in sizes), p.bucket_multiple)
-        staging = np.zeros((p.batch_rows(bucket, len(images)), *bucket, 3), dtype=np.uint8)
-        pad_into(staging, images)
-        out = p.predict_host(torch.from_numpy(staging), sizes, scores)
-        return crop(out, sizes)  # type: ignore[return-value]
+        staging = torch.zeros(p.staging_shape(images), dtype=torch.uint8)
+        return p.predict_padded(staging, images, scores)
 
     def segment_tiled(self, image: np.ndarray, policy: TilePolicy) -> np.ndarray:
         """One image's label map at full resolution, from overlapping tiles (``fcn_core.tiling``)

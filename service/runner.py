@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fcn_core.inference import InferenceConfig, Predictor, bucket_of, crop, pad_into
+from fcn_core.inference import InferenceConfig, Predictor, crop, pad_into
 from fcn_core.preprocess import Normalization
 from fcn_core.weights import WeightsMetadata
 from service.codecs import EncodedJpeg
@@ -148,8 +148,7 @@ class Runner:
     def _launch(self, images: list[ModelInput]) -> Prediction | InFlight:
         sizes = [im.shape[:2] for im in images]
         p = self.predictor
-        bucket = bucket_of(max(h for h, _ in sizes), max(w for _, w in sizes), p.bucket_multiple)
-        host = self.buffers.take((p.batch_rows(bucket, len(images)), *bucket, 3))
+        host = self.buffers.take(p.staging_shape(images))
         lent = [host]
         try:
             # JPEGs left encoded are decoded straight into the device batch, below.
@@ -174,18 +173,15 @@ class Runner:
 
     def _scores(self, images: list[np.ndarray]) -> Prediction:
         """Tiles -> their C x H x W float16 class scores on the host, synchronously."""
-        sizes = [im.shape[:2] for im in images]
         p = self.predictor
-        bucket = bucket_of(max(h for h, _ in sizes), max(w for _, w in sizes), p.bucket_multiple)
-        host = self.buffers.take((p.batch_rows(bucket, len(images)), *bucket, 3))
+        host = self.buffers.take(p.staging_shape(images))
         try:
-            pad_into(host.numpy(), images)
             start = time.perf_counter()
-            scores = p.predict_host(host, sizes, scores=True)
+            scores = p.predict_padded(host, images, scores=True)
             seconds = time.perf_counter() - start
         finally:
-            self.buffers.give(host)  # predict_host has finished with it
-        return Prediction(crop(scores, sizes), [(len(images), seconds)])
+            self.buffers.give(host)  # predict_padded has finished with it
+        return Prediction(scores, [(len(images), seconds)])  # type: ignore[arg-type]
 
     def _launch_cuda(
         self,
