@@ -120,7 +120,8 @@ class TeacherLabelledPhotos(Dataset):
     A sample is (uint8 3 x h x w image, float C x h x w teacher logits with NaN where the
     view holds no photo). The view: scale by a factor drawn from ``scale``, take a random
     ``crop`` (padding past the photo), flip half the time. The logits are resampled from the
-    teacher's stride-16 grid at the view's own pixel centres.
+    teacher's stride-16 grid at the view's own pixel centres. A ``mosaic`` fraction of the
+    samples are 2 x 2 mosaics of such views at half the scale (``mosaic_view``).
     """
 
     def __init__(
@@ -133,15 +134,20 @@ class TeacherLabelledPhotos(Dataset):
         crop: tuple[int, int] | None,
         scale: tuple[float, float] = (0.5, 2.0),
         flip: bool = True,
+        mosaic: float = 0.0,
     ) -> None:
         if not photos:
             raise ValueError("no photos to distil on")
+        if not 0 <= mosaic <= 1:
+            raise ValueError(f"mosaic is a fraction of the samples, in [0, 1]; got {mosaic}")
+        if mosaic and crop is None:
+            raise ValueError("mosaics are cut to the crop: give a crop size with --mosaic")
         self.root = Path(root)
         self.photos = list(photos)
         self.cache_dir = Path(cache_dir)
         self.class_names = list(class_names)
         self.palette = [list(c) for c in palette]
-        self.crop, self.scale, self.flip = crop, scale, flip
+        self.crop, self.scale, self.flip, self.mosaic = crop, scale, flip, mosaic
         self.name = f"photos:{self.root.name}"
 
     @property
@@ -179,19 +185,24 @@ class TeacherLabelledPhotos(Dataset):
             presence[i] = share >= min_fraction
         return presence
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def view(
+        self, index: int, size: tuple[int, int] | None, scale: tuple[float, float]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random view of photo ``index``: scaled by a factor drawn from ``scale``, a random
+        ``size`` crop of that (padded past the photo; None: all of it), flipped half the time,
+        with the teacher's logits resampled at the view's own pixel centres."""
         photo = self.photos[index]
         image = read_image(photo)
         teacher = load_logits(cache_path(self.cache_dir, self.root, photo))
         h, w = image.shape[1:]
         if teacher.image_size != (h, w):
             raise ValueError(f"{photo}: {w}x{h}, but its teacher logits are for another size")
-        lo, hi = self.scale
+        lo, hi = scale
         s = lo + (hi - lo) * torch.rand(()).item()
         hs, ws = max(1, round(h * s)), max(1, round(w * s))
         if (hs, ws) != (h, w):
             image = resize_image(image, (hs, ws))
-        ch, cw = self.crop or (hs, ws)
+        ch, cw = size or (hs, ws)
         top = int(torch.randint(0, max(hs - ch, 0) + 1, ()).item())
         left = int(torch.randint(0, max(ws - cw, 0) + 1, ()).item())
         view = torch.zeros(3, ch, cw, dtype=torch.uint8)
@@ -206,6 +217,29 @@ class TeacherLabelledPhotos(Dataset):
         if self.flip and torch.rand(()).item() < 0.5:
             view, logits = view.flip(-1), logits.flip(-1)
         return view, logits
+
+    def mosaic_view(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A 2 x 2 mosaic: photo ``index`` and three photos drawn at random, each a view at
+        half the scale filling a quarter of the crop. Unlabelled photos are mostly close-ups
+        of one object (ImageNet's), while the photos people send are scenes with several
+        small ones; the mosaic shows the student small objects among plenty of background,
+        still labelled by the teacher exactly where the student looks."""
+        ch, cw = self.crop  # type: ignore[misc]  # mosaics need a crop (checked at init)
+        th, lw = ch // 2, cw // 2
+        half = (self.scale[0] / 2, self.scale[1] / 2)
+        others = torch.randint(0, len(self), (3,)).tolist()
+        view = torch.zeros(3, ch, cw, dtype=torch.uint8)
+        logits = torch.full((self.num_classes, ch, cw), float("nan"))
+        cells = [(0, th, 0, lw), (0, th, lw, cw), (th, ch, 0, lw), (th, ch, lw, cw)]
+        for i, (y0, y1, x0, x1) in zip([index, *others], cells, strict=True):
+            v, lg = self.view(i, (y1 - y0, x1 - x0), half)
+            view[:, y0:y1, x0:x1], logits[:, y0:y1, x0:x1] = v, lg
+        return view, logits
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mosaic and torch.rand(()).item() < self.mosaic:
+            return self.mosaic_view(index)
+        return self.view(index, self.crop, self.scale)
 
 
 def repeat_factors(

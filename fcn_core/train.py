@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import shlex
 import sys
 import time
@@ -103,17 +104,21 @@ def build_datasets(
             class_names=cfg.class_names,
         )
         return train_ds, val_ds
-    if cfg.photos is None:
+    if not cfg.photos:
         raise ValueError("--teacher needs --photos: a folder of unlabelled photos")
-    photos = find_photos(cfg.photos)
+    roots = [p.resolve() for p in cfg.photos]
+    photos = [photo for r in roots for photo in find_photos(r)]
+    # Cached logits are named by their path under the folders' common parent: unique
+    # across folders, and the folder itself when there is one.
+    root = Path(os.path.commonpath(roots)) if len(roots) > 1 else roots[0]
     cache = teacher_cache_dir(cfg.teacher_cache or cfg.out_dir / "teacher", cfg.teacher)
     if ctx.main:
-        label_photos(cfg.teacher, cfg.photos, photos, cache, cfg.teacher_processes)
+        label_photos(cfg.teacher, root, photos, cache, cfg.teacher_processes)
     if ctx.world > 1:
         dist.barrier()  # the teacher's labels are on disk before anyone reads them
     return (
         TeacherLabelledPhotos(
-            cfg.photos,
+            root,
             photos,
             cache,
             val_ds.class_names,
@@ -121,6 +126,7 @@ def build_datasets(
             cfg.crop,
             cfg.scale,
             cfg.flip,
+            cfg.mosaic,
         ),
         val_ds,
     )
@@ -259,7 +265,7 @@ def train(cfg: TrainConfig) -> Path | None:
         model = make_stage_model(cfg, arch, stage, model, num_classes)
         if resume and stage == start_stage:
             model.load_state_dict(resume["model"])
-        model.to(device)
+        model.to(device, memory_format=torch.channels_last)
         net = nn.parallel.DistributedDataParallel(model) if ctx.world > 1 else model
         sampler = (
             DistributedSampler(train_ds, ctx.world, ctx.rank, shuffle=True, seed=cfg.seed)

@@ -103,7 +103,8 @@ class TrainConfig:
     tensorboard: bool = False
     no_progress: bool = False
     teacher: Path | None = None
-    photos: Path | None = None
+    photos: list[Path] = field(default_factory=list)
+    mosaic: float = 0.0
     teacher_cache: Path | None = None
     teacher_processes: int = 2
     confidence: float = 0.5
@@ -189,7 +190,19 @@ def parse_args(argv: Sequence[str] | None) -> TrainConfig:
         "distillation", "train on unlabelled photos labelled by a teacher (fcn_core.distill)"
     )
     distil.add_argument("--teacher", type=Path, help="the teacher model (a TFLite file)")
-    distil.add_argument("--photos", type=Path, help="folder of unlabelled photos (recursive)")
+    distil.add_argument(
+        "--photos",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="folders of unlabelled photos (recursive)",
+    )
+    distil.add_argument(
+        "--mosaic",
+        type=float,
+        default=0.0,
+        help="the fraction of samples that are 2 x 2 mosaics of four photos at half scale",
+    )
     distil.add_argument(
         "--teacher-cache", type=Path, help="where the teacher's logits are kept (OUT_DIR/teacher)"
     )

@@ -114,6 +114,30 @@ def test_a_view_is_labelled_where_the_student_looks(teacher: TFLiteTeacher, tmp_
     assert targets.dtype == torch.float32 and targets.shape[1] == 21
 
 
+def test_a_mosaic_holds_four_views_each_labelled_where_the_student_looks(tmp_path: Path) -> None:
+    root = VOC_TINY / "JPEGImages"
+    photos = find_photos(root)[:1]
+    label_photos(TEACHER, root, photos, tmp_path)
+    cached = TeacherLogits(**_cached(tmp_path, root, photos[0]))
+    h, w = cached.image_size
+    # One photo, a crop twice its size, scale 2: each quarter is the whole photo at scale 1.
+    mosaic = TeacherLabelledPhotos(
+        root, photos, tmp_path, ["c"] * 21, [[0, 0, 0]] * 21, (2 * h, 2 * w), (2, 2), False, 1.0
+    )
+    image, logits = mosaic[0]
+    whole = read_rgb(photos[0])
+    assert image.shape == (3, 2 * h, 2 * w) and logits.shape == (21, 2 * h, 2 * w)
+    for y, x in [(0, 0), (0, w), (h, 0), (h, w)]:
+        assert (image[:, y : y + h, x : x + w].permute(1, 2, 0).numpy() == whole).all()
+        assert torch.allclose(logits[:, y : y + h, x : x + w], cached.full())
+    with pytest.raises(ValueError, match="crop"):
+        TeacherLabelledPhotos(root, photos, tmp_path, ["c"] * 21, [[0, 0, 0]] * 21, None, mosaic=1)
+    with pytest.raises(ValueError, match="fraction"):
+        TeacherLabelledPhotos(
+            root, photos, tmp_path, ["c"] * 21, [[0, 0, 0]] * 21, (8, 8), mosaic=2
+        )
+
+
 def _cached(cache: Path, root: Path, photo: Path) -> dict:
     with np.load(cache_path(cache, root, photo)) as z:
         return {
@@ -190,6 +214,37 @@ def test_a_tiny_distillation_run_writes_weights_that_name_their_teacher(tmp_path
     assert train.main([*args[:-2], "--output", str(tmp_path / "again.safetensors")]) == 0
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "teacher").rglob("*.npz")}
     assert before == after
+
+
+def test_photos_from_several_folders_are_labelled_once_each_under_their_own_names(
+    tmp_path: Path,
+) -> None:
+    args = [
+        "--teacher", str(TEACHER),
+        "--photos", str(VOC_TINY / "JPEGImages"), str(DEMO_PHOTOS),
+        "--mosaic", "0.5",
+        "--dataset", "voc",
+        "--data-root", str(VOC_TINY),
+        "--backbone", "efficientnet_lite0",
+        "--no-pretrained",
+        "--epochs", "1",
+        "--max-iters", "1",
+        "--batch-size", "2",
+        "--crop", "64", "64",
+        "--num-workers", "0",
+        "--teacher-processes", "1",
+        "--no-progress",
+        "--out-dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    assert train.main(args) == 0
+    cached = sorted(
+        str(p.relative_to(next((tmp_path / "run" / "teacher").iterdir())))
+        for p in (tmp_path / "run" / "teacher").rglob("*.npz")
+    )
+    demo = sorted(f"demo-photos/{p.stem}.npz" for p in DEMO_PHOTOS.glob("*.jpg"))
+    assert len(cached) == 7 + len(demo)
+    assert set(demo) <= set(cached)
+    assert sum(c.startswith("voc-tiny/JPEGImages/") for c in cached) == 7
 
 
 def test_distillation_refuses_what_cannot_work(tmp_path: Path) -> None:
