@@ -1,6 +1,7 @@
 """The parts of a training loop, shaped like torchvision's segmentation reference: process
-group set-up, parameter groups and the learning-rate schedule, one epoch of training, sharded
-evaluation, the best-so-far weights, the run's log and an exact checkpoint.
+group set-up, parameter groups and the learning-rate schedule, one epoch of training, a moving
+average of the weights, sharded evaluation, the best-so-far weights, the run's log and an exact
+checkpoint.
 
 ``fcn_core.train`` assembles them into ``fcn-train`` (labelled data or a teacher's labels);
 each piece is usable on its own, e.g. from a notebook or another training script.
@@ -8,6 +9,7 @@ each piece is usable on its own, e.g. from a notebook or another training script
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -110,6 +112,39 @@ def hardware() -> str:
     return f"CPU: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights and batch-norm statistics, updated
+    after every optimiser step and evaluated in place of the model (as torchvision's
+    classification reference does with ``--model-ema``). Its decay warms up as
+    (1 + n) / (10 + n) so the first steps' random weights fade quickly."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"--ema-decay must lie in (0, 1), got {decay}")
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for avg, now in zip(
+            self.module.state_dict().values(), model.state_dict().values(), strict=True
+        ):
+            if avg.dtype.is_floating_point:
+                avg.lerp_(now.detach(), 1.0 - decay)
+            else:
+                avg.copy_(now)  # batch-norm's step counters
+
+    def state_dict(self) -> dict:
+        return {"model": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.updates = state["updates"]
+
+
 @dataclass
 class Best:
     """The best evaluation of the final stage so far, and the weights that scored it."""
@@ -167,8 +202,10 @@ def train_one_epoch(
     total: int,
     amp: bool = False,
     desc: str | None = None,
+    average: WeightAverage | None = None,
 ) -> tuple[float, int]:
-    """One pass over the loader (stopping at ``total`` iterations): (mean loss, iteration)."""
+    """One pass over the loader (stopping at ``total`` iterations): (mean loss, iteration).
+    ``average``, if given, follows the model's weights after every step."""
     net.train()
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
     batches = loader
@@ -188,6 +225,10 @@ def train_one_epoch(
         loss.backward()
         opt.step()
         sched.step()
+        if average is not None:
+            average.update(
+                net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+            )
         iteration += 1
         loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=device)
         if iteration >= total:
@@ -223,6 +264,7 @@ def save_checkpoint(
     opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LambdaLR,
     best: Best,
+    average: WeightAverage | None = None,
 ) -> None:
     """Everything ``--resume`` needs to replay the rest of the run exactly."""
     ckpt = {
@@ -237,4 +279,6 @@ def save_checkpoint(
     }
     if best.state is not None:
         ckpt["best_model"] = best.state
+    if average is not None:
+        ckpt["average"] = average.state_dict()
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))

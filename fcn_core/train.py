@@ -7,7 +7,8 @@ labelled pixels, uses AdamW with warm-up and a cosine (or poly) schedule, batche
 random crops, and bf16 autocast on CUDA.
 
 Runs as one process or under ``torchrun`` (DistributedDataParallel; gloo on CPU, nccl on
-CUDA). Every epoch ends with a checkpoint that resumes exactly: each epoch reseeds from
+CUDA). ``--ema-decay`` evaluates, selects and exports a moving average of the weights instead of
+the weights themselves. Every epoch ends with a checkpoint that resumes exactly: each epoch reseeds from
 (seed, stage, epoch), so an interrupted run replays the same batches and augmentations.
 """
 
@@ -53,6 +54,7 @@ from fcn_core.engine import (
     Best,
     Dist,
     RunLog,
+    WeightAverage,
     evaluate_sharded,
     hardware,
     lr_lambda,
@@ -277,8 +279,13 @@ def train(cfg: TrainConfig) -> Path | None:
         if cfg.max_iters:
             total = min(total, cfg.max_iters)
         opt, sched = build_optimizer(cfg, model, stage_lr(cfg, arch), total)
+        average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
         first_epoch = iteration = 0
         if resume and stage == start_stage:
+            if average is not None:
+                if "average" not in resume:
+                    raise ValueError(f"{cfg.resume} has no weight average: resume without it")
+                average.load_state_dict(resume["average"])
             opt.load_state_dict(resume["optimizer"])
             sched.load_state_dict(resume["scheduler"])
             first_epoch, iteration = resume["epoch"] + 1, resume["iteration"]
@@ -313,6 +320,7 @@ def train(cfg: TrainConfig) -> Path | None:
                 total,
                 amp=cfg.amp and device.type == "cuda",
                 desc=None if cfg.no_progress else f"{arch} epoch {epoch + 1}/{cfg.epochs}",
+                average=average,
             )
             record = {
                 "stage": stage,
@@ -325,18 +333,27 @@ def train(cfg: TrainConfig) -> Path | None:
             }
             last_epoch = epoch + 1 == cfg.epochs or iteration >= total
             if (epoch + 1) % cfg.eval_every == 0 or last_epoch:
+                scored = average.module if average is not None else model
                 result = evaluate_sharded(
-                    model, val_ds, num_classes, normalization, device, cfg.eval_batch_size, ctx
+                    scored, val_ds, num_classes, normalization, device, cfg.eval_batch_size, ctx
                 )
                 record.update(
                     {k: v for k, v in result.items() if not isinstance(v, list)}, iu=result["iu"]
                 )
                 if stage == len(cfg.stages) - 1:
-                    best.offer(result, model, epoch + 1, stage)
+                    best.offer(result, scored, epoch + 1, stage)
             log.write(record)
             if ctx.main:
                 save_checkpoint(
-                    cfg.out_dir / "last.pt", stage, epoch, iteration, model, opt, sched, best
+                    cfg.out_dir / "last.pt",
+                    stage,
+                    epoch,
+                    iteration,
+                    model,
+                    opt,
+                    sched,
+                    best,
+                    average,
                 )
             epochs_run += 1
             if cfg.stop_after_epochs and epochs_run >= cfg.stop_after_epochs:

@@ -100,6 +100,7 @@ class TrainConfig:
     resume: Path | None = None
     max_iters: int | None = None
     stop_after_epochs: int | None = None
+    ema_decay: float | None = None
     tensorboard: bool = False
     no_progress: bool = False
     teacher: Path | None = None
@@ -183,6 +184,11 @@ def parse_args(argv: Sequence[str] | None) -> TrainConfig:
         "--stop-after-epochs",
         type=int,
         help="end this run after N epochs, leaving last.pt to --resume (time-boxed jobs)",
+    )
+    p.add_argument(
+        "--ema-decay",
+        type=float,
+        help="evaluate and export an exponential moving average of the weights (e.g. 0.998)",
     )
     p.add_argument("--tensorboard", action="store_true")
     p.add_argument("--no-progress", action="store_true")

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from fcn_core import evaluate, train
 from fcn_core.data import SyntheticScenes
+from fcn_core.engine import WeightAverage
 from fcn_core.weights import read_metadata
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -47,12 +48,16 @@ def run_train(args: list[str]) -> int:
     return train.main(args)
 
 
-def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("average", [[], ["--ema-decay", "0.9"]], ids=["weights", "ema"])
+def test_resume_after_interrupt_matches_uninterrupted_run(
+    tmp_path: Path, average: list[str]
+) -> None:
     full, part = tmp_path / "full", tmp_path / "part"
     assert (
         run_train(
             [
                 *LITE,
+                *average,
                 "--epochs",
                 "3",
                 "--out-dir",
@@ -64,13 +69,17 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path: Path) -> Non
         == 0
     )
     assert (
-        run_train([*LITE, "--epochs", "3", "--out-dir", str(part), "--stop-after-epochs", "1"]) == 0
+        run_train(
+            [*LITE, *average, "--epochs", "3", "--out-dir", str(part), "--stop-after-epochs", "1"]
+        )
+        == 0
     )
     assert not (part / "w.safetensors").exists()
     assert (
         run_train(
             [
                 *LITE,
+                *average,
                 "--epochs",
                 "3",
                 "--out-dir",
@@ -93,6 +102,27 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path: Path) -> Non
         read_metadata(full / "w.safetensors").metrics
         == read_metadata(part / "w.safetensors").metrics
     )
+
+
+def test_weight_average_follows_the_model() -> None:
+    """The average moves towards each step's weights at the warmed-up decay, copies integer
+    buffers, and is what the run evaluates: a model that stops changing is caught up with."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    average = WeightAverage(model, decay=0.5)
+    start = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model[1].num_batches_tracked += 7
+    average.update(model)  # warm-up decay min(0.5, 2 / 11)
+    expected = start + (1 - 2 / 11)
+    assert torch.allclose(average.module[0].weight, expected)
+    assert int(average.module[1].num_batches_tracked) == 7
+    for _ in range(60):
+        average.update(model)
+    assert torch.allclose(average.module[0].weight, model[0].weight, atol=1e-6)
+    assert not any(p.requires_grad for p in average.module.parameters())
+    with pytest.raises(ValueError, match="ema-decay"):
+        WeightAverage(model, decay=1.0)
 
 
 def test_training_learns_synthetic_scenes(tmp_path: Path) -> None:
