@@ -124,18 +124,24 @@ class WeightAverage:
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
         self.updates = 0
+        # The two models' tensors, paired once: optimiser steps and load_state_dict update
+        # them in place, so each step is one fused lerp and no state_dict walk.
+        pairs = list(
+            zip(self.module.state_dict().values(), model.state_dict().values(), strict=True)
+        )
+        floats = [(a, m) for a, m in pairs if a.dtype.is_floating_point]
+        self._avg_floats = [a for a, _ in floats]
+        self._model_floats = [m for _, m in floats]
+        self._counters = [(a, m) for a, m in pairs if not a.dtype.is_floating_point]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self) -> None:
+        """Move the average towards the model it was made from, after an optimiser step."""
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for avg, now in zip(
-            self.module.state_dict().values(), model.state_dict().values(), strict=True
-        ):
-            if avg.dtype.is_floating_point:
-                avg.lerp_(now.detach(), 1.0 - decay)
-            else:
-                avg.copy_(now)  # batch-norm's step counters
+        torch._foreach_lerp_(self._avg_floats, self._model_floats, 1.0 - decay)
+        for avg, now in self._counters:
+            avg.copy_(now)  # batch-norm's step counters
 
     def state_dict(self) -> dict:
         return {"model": self.module.state_dict(), "updates": self.updates}
@@ -205,7 +211,7 @@ def train_one_epoch(
     average: WeightAverage | None = None,
 ) -> tuple[float, int]:
     """One pass over the loader (stopping at ``total`` iterations): (mean loss, iteration).
-    ``average``, if given, follows the model's weights after every step."""
+    ``average``, if given (made from the model ``net`` trains), follows it after every step."""
     net.train()
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
     batches = loader
@@ -226,9 +232,7 @@ def train_one_epoch(
         opt.step()
         sched.step()
         if average is not None:
-            average.update(
-                net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
-            )
+            average.update()
         iteration += 1
         loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=device)
         if iteration >= total:

@@ -7,9 +7,10 @@ labelled pixels, uses AdamW with warm-up and a cosine (or poly) schedule, batche
 random crops, and bf16 autocast on CUDA.
 
 Runs as one process or under ``torchrun`` (DistributedDataParallel; gloo on CPU, nccl on
-CUDA). ``--ema-decay`` evaluates, selects and exports a moving average of the weights instead of
-the weights themselves. Every epoch ends with a checkpoint that resumes exactly: each epoch reseeds from
-(seed, stage, epoch), so an interrupted run replays the same batches and augmentations.
+CUDA). ``--ema-decay`` evaluates, selects and exports a moving average of the weights instead
+of the weights themselves. Every epoch ends with a checkpoint that resumes exactly: each epoch
+reseeds from (seed, stage, epoch), so an interrupted run replays the same batches and
+augmentations.
 """
 
 from __future__ import annotations

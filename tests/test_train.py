@@ -113,12 +113,12 @@ def test_weight_average_follows_the_model() -> None:
     with torch.no_grad():
         model[0].weight.add_(1.0)
     model[1].num_batches_tracked += 7
-    average.update(model)  # warm-up decay min(0.5, 2 / 11)
+    average.update()  # warm-up decay min(0.5, 2 / 11)
     expected = start + (1 - 2 / 11)
     assert torch.allclose(average.module[0].weight, expected)
     assert int(average.module[1].num_batches_tracked) == 7
     for _ in range(60):
-        average.update(model)
+        average.update()
     assert torch.allclose(average.module[0].weight, model[0].weight, atol=1e-6)
     assert not any(p.requires_grad for p in average.module.parameters())
     with pytest.raises(ValueError, match="ema-decay"):
