@@ -1,14 +1,16 @@
 """fcn-export: a weights file -> an ONNX graph, cached by content hash, checked on real photos.
 
-The graph is the network alone, exactly what ``Predictor`` runs: a normalised float
+The graph is the network alone, exactly what ``Predictor`` runs (its frozen upsampling
+layers grouped, one filter per class: ``grouped_upsampling``): a normalised float
 N x 3 x H x W batch in, N x C x H x W logits out, with batch, height and width dynamic (the
 Lite0 FCN pads itself to a multiple of 32 inside the graph). Normalisation, the argmax and
 the crop stay in the inference core, so every backend shares them and the labels differ only
 by what the runtime computes. The weights' metadata (classes, palette, normalisation, content
 hash, the command that made them) travels in the ONNX file's ``metadata_props`` under ``fcn``.
 
-Exports are cached by the weights' content hash (``FCN_CACHE_DIR``, else
-``~/.cache/fcn-serve``), so a service exports once per weights file, not at every start;
+Exports are cached by the weights' content hash and the graph's version (``GRAPH_VERSION``;
+``FCN_CACHE_DIR``, else ``~/.cache/fcn-serve``), so a service exports once per weights file
+and release of the graph, not at every start;
 ``fcn-export`` fills the same cache (a Docker image can export at build time).
 Needs onnx, onnxscript and onnxruntime (dependencies of fcn-serve: the CPU's backend).
 """
@@ -26,10 +28,13 @@ import numpy as np
 import torch
 
 from fcn_core.files import atomic_write
+from fcn_core.models import grouped_upsampling
 from fcn_core.weights import LoadedWeights, WeightsError, WeightsMetadata, load_weights
 
 METADATA_KEY = "fcn"
 INPUT, OUTPUT = "input", "logits"
+GRAPH_KEY, GRAPH_VERSION = "fcn_graph", "2"
+"""A cached export of another graph version is made again: 2 = grouped upsampling layers."""
 
 
 def cache_dir(configured: str | Path | None = None) -> Path:
@@ -43,7 +48,7 @@ def export_onnx(loaded: LoadedWeights, path: str | Path) -> Path:
     """Write the network of ``loaded`` as ONNX (dynamic batch, height, width) to ``path``."""
     import onnx
 
-    model = loaded.model.eval().cpu()
+    model = grouped_upsampling(loaded.model.eval().cpu())
     dynamic = torch.export.Dim.DYNAMIC
     example = torch.zeros(1, 3, 64, 64)
     program = torch.onnx.export(
@@ -56,34 +61,46 @@ def export_onnx(loaded: LoadedWeights, path: str | Path) -> Path:
         verbose=False,
     )
     proto = program.model_proto
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(loaded.meta.to_dict())
+    for key, value in (
+        (METADATA_KEY, json.dumps(loaded.meta.to_dict())),
+        (GRAPH_KEY, GRAPH_VERSION),
+    ):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
     return atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)))
+
+
+def onnx_properties(path: str | Path) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file, as a dict."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {entry.key: entry.value for entry in proto.metadata_props}
 
 
 def read_onnx_metadata(path: str | Path) -> WeightsMetadata:
     """The weights' metadata an export carries (raises ``WeightsError`` if it has none)."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    for entry in proto.metadata_props:
-        if entry.key == METADATA_KEY:
-            return WeightsMetadata.from_dict(json.loads(entry.value))
-    raise WeightsError(f"{path}: an ONNX file without fcn metadata (not made by fcn-export)")
+    props = onnx_properties(path)
+    if METADATA_KEY not in props:
+        raise WeightsError(f"{path}: an ONNX file without fcn metadata (not made by fcn-export)")
+    return WeightsMetadata.from_dict(json.loads(props[METADATA_KEY]))
 
 
 def cached_export(loaded: LoadedWeights, cache: str | Path | None = None) -> Path:
     """The ONNX export of ``loaded``, made once per content hash and reused after; the file is
-    named by the network and the hash alone, so every tool that exports shares it."""
+    named by the network and the hash alone, so every tool that exports shares it. A file of
+    an older graph version (``GRAPH_VERSION``) is exported again over."""
     meta = loaded.meta
     name = f"{meta.arch}-{meta.backbone}-{meta.sha256[:16]}.onnx"
     path = cache_dir(cache) / "onnx" / name
     if path.is_file():
         try:
-            if read_onnx_metadata(path).sha256 == meta.sha256:
+            props = onnx_properties(path)
+            current = props.get(GRAPH_KEY) == GRAPH_VERSION
+            if current and json.loads(props[METADATA_KEY])["sha256"] == meta.sha256:
                 return path
-        except Exception:  # protobuf's DecodeError, WeightsError, OSError: any unreadable file
-            pass  # a broken or foreign file under our name: export again over it
+        except Exception:  # protobuf's DecodeError, KeyError, OSError: any unreadable file
+            pass  # a broken, foreign or older file under our name: export again over it
     return export_onnx(loaded, path)
 
 

@@ -3,6 +3,7 @@ sizes (dynamic batch, height and width), the metadata carried along, exports cac
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,29 @@ def test_exports_are_cached_by_content_hash(exported: Path) -> None:
         again == exported
         and export.read_onnx_metadata(again).sha256 == read_metadata(WEIGHTS).sha256
     )
+
+
+def test_the_graph_upsamples_one_class_per_filter_and_older_graphs_are_made_again(
+    exported: Path, tmp_path: Path
+) -> None:
+    import onnx
+
+    proto = onnx.load(str(exported))
+    deconvs = [n for n in proto.graph.node if n.op_type == "ConvTranspose"]
+    groups = [next((a.i for a in n.attribute if a.name == "group"), 1) for n in deconvs]
+    classes = read_metadata(WEIGHTS).num_classes
+    assert len(deconvs) == 3 and groups == [classes] * 3
+    assert export.onnx_properties(exported)[export.GRAPH_KEY] == export.GRAPH_VERSION
+
+    # A cache file from before grouped upsampling: same weights, no graph version.
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = export.METADATA_KEY, json.dumps(read_metadata(WEIGHTS).to_dict())
+    old = tmp_path / "onnx" / exported.name
+    old.parent.mkdir()
+    onnx.save(proto, str(old))
+    assert export.cached_export(load_weights(WEIGHTS), tmp_path) == old
+    assert export.onnx_properties(old).get(export.GRAPH_KEY) == export.GRAPH_VERSION
 
 
 def test_fcn_export_checks_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -23,6 +23,7 @@ from fcn_core.models import (
     bilinear_kernel,
     build_model,
     efficientnet_lite0_imagenet,
+    grouped_upsampling,
 )
 from fcn_core.models.backbones import VGG16Caffe, load_in_order
 from fcn_core.preprocess import HALF_RGB
@@ -192,6 +193,37 @@ def test_learnable_upsampling_unfreezes_and_trains_the_deconvolutions() -> None:
         assert getattr(learnable, name).weight.requires_grad
         assert getattr(learnable, name).weight.grad.abs().sum() > 0
         assert getattr(frozen, name).weight.grad is None
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_grouped_upsampling_serves_the_same_net_with_one_filter_per_class(arch: str) -> None:
+    model = build_model(arch, 5, LITE).eval()
+    randomise_scores(model)
+    served = grouped_upsampling(model)
+    deconvs = [n for n, m in model.named_children() if isinstance(m, nn.ConvTranspose2d)]
+    for name in deconvs:
+        assert getattr(served, name).groups == 5
+        assert getattr(served, name).weight.shape == (5, 1, *getattr(model, name).kernel_size)
+        assert getattr(model, name).groups == 1, "the original keeps its dense layers"
+    assert served.backbone is model.backbone
+    assert set(model.state_dict()) == set(served.state_dict())
+    x = torch.randn(2, 3, 70, 90)
+    with torch.inference_mode():
+        dense, grouped = model(x), served(x)
+    torch.testing.assert_close(grouped, dense, rtol=0, atol=1e-5)
+    assert torch.equal(grouped.max(1).indices, dense.max(1).indices)
+    assert grouped_upsampling(served) is served
+
+
+def test_grouped_upsampling_leaves_learned_deconvolutions_and_other_modules() -> None:
+    learned = build_model("fcn8s", 4, LITE, learnable_upsampling=True)
+    with torch.no_grad():
+        learned.upscore8.weight[0, 1] += 0.5  # class 1 now feeds class 0: not diagonal
+    served = grouped_upsampling(learned)
+    assert served.upscore8 is learned.upscore8
+    assert served.upscore2.groups == 4  # still diagonal, so grouped
+    other = nn.Sequential(nn.ConvTranspose2d(3, 3, 4, 2, bias=False))
+    assert grouped_upsampling(other) is other
 
 
 def ramps(channels: int, h: int, w: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from fcn_core.models.fcn import (
     FCN16s,
     FCN32s,
     build_model,
+    grouped_upsampling,
     list_models,
 )
 from fcn_core.models.init import bilinear_kernel, convolutionalise
@@ -32,5 +33,6 @@ __all__ = [
     "build_model",
     "convolutionalise",
     "efficientnet_lite0_imagenet",
+    "grouped_upsampling",
     "list_models",
 ]

@@ -6,6 +6,7 @@ so a trained FCN-32s hands its weights to FCN-16s by name, and FCN-16s to FCN-8s
 
 from __future__ import annotations
 
+import copy
 from typing import ClassVar
 
 import torch
@@ -147,3 +148,62 @@ def build_model(
 def list_models() -> list[str]:
     """Every architecture x backbone ``build_model`` makes, as ``arch/backbone`` names."""
     return [f"{arch}/{backbone}" for arch in ARCHITECTURES for backbone in BACKBONES]
+
+
+def grouped_upsampling(model: nn.Module) -> nn.Module:
+    """The model to serve: an FCN whose frozen bilinear deconvolutions run one filter per class.
+
+    The paper's upsampling layers map class i to class i alone (``bilinear_kernel``), so as
+    C -> C transposed convolutions they spend C times their arithmetic on zero weights. This
+    returns a copy of the top module whose deconvolutions with exactly diagonal weights are
+    the grouped (``groups=C``) transposed convolutions of the same kernels: the same sums with
+    the zero terms left out, so labels equal and scores equal to float rounding, for ~25 % less
+    time per image on ONNX Runtime and PyTorch on the CPU (11 classes, 480x360;
+    bench/results). Everything else, the backbone included, is shared with ``model``, which is
+    left as it is: training and the weights file keep the dense layers the reference nets
+    have. Learned (non-diagonal) deconvolutions and models that are not FCNs come back as
+    they are.
+    """
+    if not isinstance(model, FCN):
+        return model
+    grouped = {
+        name: _grouped(child)
+        for name, child in model.named_children()
+        if isinstance(child, nn.ConvTranspose2d) and _is_diagonal(child)
+    }
+    if not grouped:
+        return model
+    served = copy.copy(model)  # shares every parameter; only the children's table is new
+    served._modules = {**model._modules, **grouped}
+    return served
+
+
+def _is_diagonal(deconv: nn.ConvTranspose2d) -> bool:
+    w = deconv.weight
+    if deconv.groups != 1 or w.shape[0] != w.shape[1] or deconv.bias is not None:
+        return False
+    idx = torch.arange(w.shape[0], device=w.device)
+    off = w.detach().clone()
+    off[idx, idx] = 0
+    return not off.any()
+
+
+def _grouped(deconv: nn.ConvTranspose2d) -> nn.ConvTranspose2d:
+    c = deconv.in_channels
+    grouped = nn.ConvTranspose2d(
+        c,
+        c,
+        deconv.kernel_size,  # type: ignore[arg-type]
+        stride=deconv.stride,  # type: ignore[arg-type]
+        padding=deconv.padding,  # type: ignore[arg-type]
+        output_padding=deconv.output_padding,  # type: ignore[arg-type]
+        groups=c,
+        bias=False,
+        dilation=deconv.dilation,  # type: ignore[arg-type]
+        device=deconv.weight.device,
+        dtype=deconv.weight.dtype,
+    )
+    idx = torch.arange(c, device=deconv.weight.device)
+    with torch.no_grad():
+        grouped.weight.copy_(deconv.weight[idx, idx].unsqueeze(1))
+    return grouped.requires_grad_(False).train(deconv.training)
