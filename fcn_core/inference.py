@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from fcn_core.backends import BackendName, Network, build_network, choose_backend
+from fcn_core.models import grouped_upsampling
 from fcn_core.preprocess import Normalization
 from fcn_core.tiling import TilePolicy, segment_tiled
 from fcn_core.weights import WeightsMetadata, load_weights
@@ -226,7 +227,9 @@ class Predictor:
             if config.channels_last and torch_backend
             else torch.contiguous_format
         )
-        self.model = model.to(self.device, memory_format=self._memory_format).eval()
+        # One filter per class in the frozen upsampling layers: the same labels, less time.
+        self.model = grouped_upsampling(model).to(self.device, memory_format=self._memory_format)
+        self.model.eval()
         self.compiled = torch_backend and config.compile
         self._net: Network = build_network(
             self.backend,
@@ -278,7 +281,11 @@ class Predictor:
 
     def normalized(self, x: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
         """uint8 N x H x W x 3 -> normalised N x 3 x H x W with the padding set to zero."""
-        x = self.normalization(x.permute(0, 3, 1, 2).contiguous())
+        x = x.permute(0, 3, 1, 2)
+        if isinstance(self.normalization, Normalization):  # straight into the model's layout
+            x = self.normalization(x, memory_format=self._memory_format)
+        else:
+            x = self.normalization(x.contiguous())
         for i, (h, w) in enumerate(sizes):
             x[i, :, h:, :] = 0
             x[i, :, :, w:] = 0

@@ -22,15 +22,23 @@ class Normalization:
         if self.channel_order not in ("RGB", "BGR"):
             raise ValueError(f"channel_order must be RGB or BGR, not {self.channel_order!r}")
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (or 0..255 float) RGB, N x 3 x H x W or 3 x H x W -> normalised float."""
-        x = images.float() if not images.is_floating_point() else images
+    def __call__(
+        self, images: torch.Tensor, memory_format: torch.memory_format = torch.preserve_format
+    ) -> torch.Tensor:
+        """uint8 (or 0..255 float) RGB, N x 3 x H x W or 3 x H x W -> normalised float, in
+        ``memory_format`` (by default the layout of ``images``, e.g. channels-last for a
+        permuted H x W x 3 batch)."""
+        dtype = images.dtype if images.is_floating_point() else torch.float32
+        # One fresh copy (type and layout converted in the same pass), then the arithmetic in
+        # place: bit for bit (x / 255 - mean) / std, without the three more full-size
+        # temporaries that cost ~9 of 10 ms for two 480x384 images on one CPU thread.
+        x = images.to(dtype=dtype, memory_format=memory_format, copy=True)
         if self.channel_order == "BGR":
             x = x.flip(-3)
         shape = (3, 1, 1)
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(shape)
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(shape)
-        return (x / 255.0 - mean) / std
+        return x.div_(255.0).sub_(mean).div_(std)
 
     def to_dict(self) -> dict:
         return asdict(self)
