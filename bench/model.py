@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fcn_core.backends import Network, build_network, choose_backend
 from fcn_core.inference import usable_cores
-from fcn_core.models import build_model
+from fcn_core.models import build_model, grouped_upsampling
 from fcn_core.models.backbones import default_normalization
 from fcn_core.preprocess import Normalization
 from fcn_core.weights import WeightsMetadata, load_weights
@@ -310,12 +310,15 @@ def matmul_tflops(device: torch.device, precision: str, seconds: float = 1.0) ->
 def load_model(
     weights: Path | None, arch: str, backbone: str, num_classes: int, device: torch.device
 ) -> tuple[nn.Module, Normalization, str, WeightsMetadata | None]:
-    """The weights' model when a file is given, else an untrained one (same cost per pixel);
-    the note says which, and the metadata is the file's (None when untrained)."""
+    """The weights' model when a file is given, else an untrained one (same cost per pixel),
+    as the service runs it (``grouped_upsampling``); the note says which, and the metadata is
+    the file's (None when untrained)."""
     if weights is not None:
         loaded = load_weights(weights, device)
-        return loaded.model, loaded.meta.normalization, str(weights), loaded.meta
+        served = grouped_upsampling(loaded.model)
+        return served, loaded.meta.normalization, str(weights), loaded.meta
     model = randomise_scores(build_model(arch, num_classes, backbone)).to(device).eval()
+    model = grouped_upsampling(model)
     note = "untrained (random backbone and score layers): timing; agreement is indicative only"
     return model, default_normalization(backbone), note, None
 

@@ -42,12 +42,13 @@ def markdown(report: BenchReport) -> str:
                 + ", ".join(f"{p} {v:.3f} TFLOP/s" for p, v in md.matmul_tflops.items())
                 + ".",
                 "",
-                "| Batch | Precision | channels_last | compiled | threads | img/s "
+                "| Backend | Size | Batch | Precision | channels_last | compiled | threads | img/s "
                 "| ms/batch (p50) | GFLOP/img | TFLOP/s |",
-                "|---|---|---|---|---|---|---|---|---|",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             lines += [
-                f"| {r.batch} | {r.precision} | {'on' if r.channels_last else 'off'} "
+                f"| {r.backend} | {r.width}x{r.height} | {r.batch} | {r.precision} "
+                f"| {'on' if r.channels_last else 'off'} "
                 f"| {'on' if r.compiled else 'off'} | {r.threads or 'default'} "
                 f"| {r.images_per_s:.2f} "
                 f"| {r.batch_ms_p50:.1f} | {r.gflop_per_image:.1f} | {r.achieved_tflops:.3f} |"
@@ -55,7 +56,8 @@ def markdown(report: BenchReport) -> str:
             ]
             for a in md.agreement:
                 lines.append(
-                    f"\n{a.precision} vs fp32 labels: {a.agreement:.4%} of {a.pixels} pixels "
+                    f"\n{a.backend} {a.precision} vs torch fp32 labels: {a.agreement:.4%} of "
+                    f"{a.pixels} pixels "
                     f"agree ({a.images} real photos)."
                 )
         if s.http:
