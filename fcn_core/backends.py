@@ -38,13 +38,14 @@ BackendName = Literal["auto", "torch", "onnxruntime", "openvino"]
 BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "openvino")
 
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    # Fastest first, by bench/results/2026-12-02-cpu-backends.md (2-core AMD EPYC, 480x360
-    # JPEGs; two runs): p50 at concurrency 1, OpenVINO 35.6 / 40.0 ms, ONNX Runtime 43.9 /
-    # 42.8, torch 85.5 / 83.6; req/s at concurrency 8, OpenVINO 35.9 / 31.2, ONNX Runtime
-    # 31.3 / 35.7 (a tie within the runs' spread), torch 15.8 / 15.7; labels equal to torch's
-    # on 100 % of pixels. A backend whose packages are not installed is skipped. GPUs: torch
-    # until another runtime is measured against the CUDA path.
-    "cpu": ("openvino", "onnxruntime", "torch"),
+    # Fastest first, by bench/results/2026-12-03-cpu-backends*.md (2-core AMD EPYC, 480x360
+    # JPEGs), since the upsampling layers run grouped (ONNX Runtime gained most from it):
+    # req/s at concurrency 8, ONNX Runtime 19.8 against OpenVINO 18.5 (a slow hour of the VM;
+    # 30.9 against 24.6 in a check before it); p50 at concurrency 1, 68.8 against 64.5 ms
+    # (a tie); raw, one thread: 52.6 against 61.0 ms; labels equal to torch's on 100 % of
+    # pixels. A backend whose packages are not installed is skipped. GPUs: torch until
+    # another runtime is measured against the CUDA path.
+    "cpu": ("onnxruntime", "openvino", "torch"),
     "cuda": ("torch",),
 }
 
