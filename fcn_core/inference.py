@@ -90,7 +90,7 @@ class InferenceConfig:
     max_batch_pixels: int = 4 * 1024 * 1024
     cpu_workers: int = 0
     torch_threads: int = 0
-    channels_last: bool = False
+    channels_last: bool | Literal["auto"] = "auto"
     compile: bool = False
     compile_mode: CompileMode = "default"
     cudnn_benchmark: bool = True
@@ -107,6 +107,17 @@ class InferenceConfig:
         if self.max_batch_size:
             return self.max_batch_size
         return DEFAULT_GPU_BATCH if device_type != "cpu" else self.cpu_workers_for(device_type)
+
+    def channels_last_for(self, device_type: str, backend: str) -> bool:
+        """Channels-last (NHWC) tensors for torch: on the CPU by default, where oneDNN runs
+        this model 1.3x faster with them (bench/results/2026-12-03-cpu-backends.md: 136 ->
+        103 ms on one thread, 76 -> 59 ms on two, at 480x360); on CUDA only when asked,
+        until a GPU run measures it. The ONNX backends choose their own layouts."""
+        if backend != "torch":
+            return False
+        if self.channels_last == "auto":
+            return device_type == "cpu"
+        return self.channels_last
 
     def threads_for(self, device_type: str, alone: bool) -> int:
         """Intra-op threads of one CPU forward pass: one on a pool worker (the batch's other
@@ -220,11 +231,11 @@ class Predictor:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = config.cudnn_benchmark
         torch_backend = self.backend == "torch"
-        if not torch_backend and (config.compile or config.channels_last):
+        if not torch_backend and (config.compile or config.channels_last is True):
             log.warning("compile and channels_last apply to the torch backend only")
         self._memory_format = (
             torch.channels_last
-            if config.channels_last and torch_backend
+            if config.channels_last_for(self.device.type, self.backend)
             else torch.contiguous_format
         )
         # One filter per class in the frozen upsampling layers: the same labels, less time.

@@ -7,6 +7,7 @@ maps come from the weights file loaded on its own: normalisation, forward, argma
 
 from __future__ import annotations
 
+import copy
 import io
 import socket
 import struct
@@ -29,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 from fcn_core.data.palettes import CAMVID_CLASSES, CAMVID_PALETTE
-from fcn_core.models import build_model
+from fcn_core.models import build_model, grouped_upsampling
 from fcn_core.preprocess import HALF_RGB
 from fcn_core.weights import LoadedWeights, WeightsMetadata, load_weights, save_weights
 from service.app import create_app
@@ -78,6 +79,21 @@ def reference(service_weights: Path) -> LoadedWeights:
 _ONE_THREAD = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,))
 
 
+_SERVED: dict[int, nn.Module] = {}
+
+
+def _served(reference: LoadedWeights) -> nn.Module:
+    """The network as the service runs it on torch on a CPU by default: upsampling grouped
+    and channels-last. Either sums in another order than the module as loaded, which can
+    flip a near-tie of the untrained test model (test_models.py and test_runner.py hold the
+    forms to each other)."""
+    key = id(reference)
+    if key not in _SERVED:
+        served = grouped_upsampling(copy.deepcopy(reference.model))
+        _SERVED[key] = served.to(memory_format=torch.channels_last)
+    return _SERVED[key]
+
+
 def predict(reference: LoadedWeights, rgb: np.ndarray) -> np.ndarray:
     """The model's own label map for one H x W x 3 uint8 image."""
     return _ONE_THREAD.submit(_predict, reference, rgb).result()
@@ -86,7 +102,7 @@ def predict(reference: LoadedWeights, rgb: np.ndarray) -> np.ndarray:
 def _predict(reference: LoadedWeights, rgb: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)[None]
     with torch.inference_mode():
-        logits = reference.model(reference.meta.normalization(x))
+        logits = _served(reference)(reference.meta.normalization(x, torch.channels_last))
     return logits.argmax(1)[0].to(torch.uint8).numpy()
 
 
@@ -276,7 +292,7 @@ class InstrumentedModel(nn.Module):
         oom_wider_than: int | None = None,
     ) -> None:
         super().__init__()
-        self.inner = inner
+        self.inner = grouped_upsampling(inner)  # as the service would run it unwrapped
         self.delay_s = delay_s
         self.oom_above = oom_above
         self.oom_wider_than = oom_wider_than

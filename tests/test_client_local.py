@@ -92,7 +92,8 @@ SETTINGS: list[tuple[str, dict[str, str], Check]] = [
         lambda b: predictor(b).config.cache_dir == "/tmp/fcn-cache",
     ),
     ("precision", {"FCN_PRECISION": "bf16"}, lambda b: predictor(b).config.precision == "bf16"),
-    ("channels_last", {"FCN_CHANNELS_LAST": "true"}, is_channels_last),
+    # On by default for torch on the CPU (``auto``), so the setting's visible effect is off.
+    ("channels_last", {"FCN_CHANNELS_LAST": "false"}, lambda b: not is_channels_last(b)),
     (
         "compile",
         {"FCN_COMPILE": "true"},

@@ -35,6 +35,12 @@ def test_automatic_counts_follow_the_device() -> None:
     assert chosen.cpu_workers_for("cpu") == 3
     assert chosen.max_batch_size_for("cuda") == chosen.max_batch_size_for("cpu") == 5
     assert chosen.threads_for("cpu", alone=False) == chosen.threads_for("cpu", alone=True) == 2
+    # channels-last: torch on the CPU by default, never for the ONNX backends' own layouts
+    assert auto.channels_last_for("cpu", "torch") and not auto.channels_last_for("cuda", "torch")
+    assert not auto.channels_last_for("cpu", "onnxruntime")
+    on, off = InferenceConfig(channels_last=True), InferenceConfig(channels_last=False)
+    assert on.channels_last_for("cuda", "torch") and not on.channels_last_for("cpu", "openvino")
+    assert not off.channels_last_for("cpu", "torch")
 
 
 def test_usable_cores_honour_a_cgroup_cpu_quota(tmp_path: Path) -> None:

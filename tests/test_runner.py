@@ -103,7 +103,7 @@ def test_cropped_labels_never_share_memory_with_the_reused_buffer() -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [{"cpu_workers": 2}, {"cpu_workers": 2, "channels_last": True}],
+    [{"cpu_workers": 2, "channels_last": False}, {"cpu_workers": 2, "channels_last": True}],
     ids=["cpu-workers", "cpu-workers+channels-last"],
 )
 def test_cpu_fast_paths_give_the_models_own_labels(

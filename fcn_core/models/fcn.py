@@ -157,9 +157,10 @@ def grouped_upsampling(model: nn.Module) -> nn.Module:
     C -> C transposed convolutions they spend C times their arithmetic on zero weights. This
     returns a copy of the top module whose deconvolutions with exactly diagonal weights are
     the grouped (``groups=C``) transposed convolutions of the same kernels: the same sums with
-    the zero terms left out, so labels equal and scores equal to float rounding, for ~25 % less
-    time per image on ONNX Runtime and PyTorch on the CPU (11 classes, 480x360;
-    bench/results). Everything else, the backbone included, is shared with ``model``, which is
+    the zero terms left out, for ~25 % less time per image on ONNX Runtime and PyTorch on the
+    CPU (11 classes, 480x360). The terms are added in another order, so scores agree to float
+    rounding and a near-tie can flip (1 pixel of 157,696 on a demo photo with the untrained
+    test model; none of 691,200 on real photos with the shipped weights). Everything else, the backbone included, is shared with ``model``, which is
     left as it is: training and the weights file keep the dense layers the reference nets
     have. Learned (non-diagonal) deconvolutions and models that are not FCNs come back as
     they are.
