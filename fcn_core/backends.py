@@ -38,13 +38,13 @@ BackendName = Literal["auto", "torch", "onnxruntime", "openvino"]
 BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "openvino")
 
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    # Fastest first, by bench/results/2026-12-03-cpu-backends{,-run1}.md (2-core AMD EPYC,
-    # 480x360 JPEGs), since the upsampling layers run grouped (ONNX Runtime gained most from
-    # it): req/s at concurrency 8, ONNX Runtime 20.9 / 19.8 against OpenVINO 18.4 / 18.5
-    # (30.9 against 24.6 in a check before them); p50 at concurrency 1, 58.3 / 68.8 against
-    # 61.9 / 64.5 ms (a tie); torch 10.2 / 10.6 req/s; labels equal to torch's on 100 % of
-    # pixels. A backend whose packages are not installed is skipped. GPUs: torch until
-    # another runtime is measured against the CUDA path.
+    # Fastest first, by bench/results/2026-12-03-cpu-backends{,-run1,-run2}.md (2-core AMD
+    # EPYC, 480x360 JPEGs), since the upsampling layers run grouped (ONNX Runtime gained most
+    # from it): req/s at concurrency 8, ONNX Runtime 28.1 / 19.8 / 20.9 against OpenVINO
+    # 19.3 / 18.5 / 18.4; p50 at concurrency 1, 55.5 / 68.8 / 58.3 against 59.5 / 64.5 /
+    # 61.9 ms (a tie); labels equal to torch's on 100 % of pixels. A backend whose packages
+    # are not installed is skipped. GPUs: torch until another runtime is measured against the
+    # CUDA path.
     "cpu": ("onnxruntime", "openvino", "torch"),
     "cuda": ("torch",),
 }

@@ -110,9 +110,10 @@ class InferenceConfig:
 
     def channels_last_for(self, device_type: str, backend: str) -> bool:
         """Channels-last (NHWC) tensors for torch: on the CPU by default, where oneDNN runs
-        this model 1.3x faster with them (bench/results/2026-12-03-cpu-backends.md: 136 ->
-        103 ms on one thread, 76 -> 59 ms on two, at 480x360); on CUDA only when asked,
-        until a GPU run measures it. The ONNX backends choose their own layouts."""
+        this model 1.2-1.5x faster with them (an interleaved A/B at 480x360 on a 2-core
+        EPYC: 94.8 -> 79.2 ms on one thread, 101 -> 69 ms on two; README, Performance); on
+        CUDA only when asked, until a GPU run measures it. The ONNX backends choose their
+        own layouts."""
         if backend != "torch":
             return False
         if self.channels_last == "auto":

@@ -190,7 +190,7 @@ class Settings(BaseSettings):
     channels_last: bool | Literal["auto"] = Field(
         INFERENCE.channels_last,
         description="Run torch's convolutions on NHWC (channels-last) tensors; `auto`: on "
-        "the CPU (oneDNN: 1.3x faster here), off on CUDA until measured there (`fcn-bench` "
+        "the CPU (oneDNN: 1.2-1.5x faster here), off on CUDA until measured there (`fcn-bench` "
         "measures both per device).",
     )
     compile: bool = Field(
