@@ -78,9 +78,10 @@ def onnx_properties(path: str | Path) -> dict[str, str]:
     return {entry.key: entry.value for entry in proto.metadata_props}
 
 
-def read_onnx_metadata(path: str | Path) -> WeightsMetadata:
-    """The weights' metadata an export carries (raises ``WeightsError`` if it has none)."""
-    props = onnx_properties(path)
+def read_onnx_metadata(path: str | Path, props: dict[str, str] | None = None) -> WeightsMetadata:
+    """The weights' metadata an export carries (raises ``WeightsError`` if it has none);
+    ``props``: its ``onnx_properties``, when already read."""
+    props = onnx_properties(path) if props is None else props
     if METADATA_KEY not in props:
         raise WeightsError(f"{path}: an ONNX file without fcn metadata (not made by fcn-export)")
     return WeightsMetadata.from_dict(json.loads(props[METADATA_KEY]))
@@ -97,9 +98,9 @@ def cached_export(loaded: LoadedWeights, cache: str | Path | None = None) -> Pat
         try:
             props = onnx_properties(path)
             current = props.get(GRAPH_KEY) == GRAPH_VERSION
-            if current and json.loads(props[METADATA_KEY])["sha256"] == meta.sha256:
+            if current and read_onnx_metadata(path, props).sha256 == meta.sha256:
                 return path
-        except Exception:  # protobuf's DecodeError, KeyError, OSError: any unreadable file
+        except Exception:  # protobuf's DecodeError, WeightsError, OSError: any unreadable file
             pass  # a broken, foreign or older file under our name: export again over it
     return export_onnx(loaded, path)
 

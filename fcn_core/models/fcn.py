@@ -160,18 +160,19 @@ def grouped_upsampling(model: nn.Module) -> nn.Module:
     the zero terms left out, for ~25 % less time per image on ONNX Runtime and PyTorch on the
     CPU (11 classes, 480x360). The terms are added in another order, so scores agree to float
     rounding and a near-tie can flip (1 pixel of 157,696 on a demo photo with the untrained
-    test model; none of 691,200 on real photos with the shipped weights). Everything else, the backbone included, is shared with ``model``, which is
-    left as it is: training and the weights file keep the dense layers the reference nets
-    have. Learned (non-diagonal) deconvolutions and models that are not FCNs come back as
-    they are.
+    test model; none of 691,200 on real photos with the shipped weights). Everything else,
+    the backbone included, is shared with ``model``, which is left as it is: training and the
+    weights file keep the dense layers the reference nets have. Learned (non-diagonal)
+    deconvolutions and models that are not FCNs come back as they are.
     """
     if not isinstance(model, FCN):
         return model
-    grouped = {
-        name: _grouped(child)
-        for name, child in model.named_children()
-        if isinstance(child, nn.ConvTranspose2d) and _is_diagonal(child)
-    }
+    grouped = {}
+    for name, child in model.named_children():
+        if isinstance(child, nn.ConvTranspose2d):
+            kernels = _diagonal_kernels(child)
+            if kernels is not None:
+                grouped[name] = _grouped(child, kernels)
     if not grouped:
         return model
     served = copy.copy(model)  # shares every parameter; only the children's table is new
@@ -179,17 +180,20 @@ def grouped_upsampling(model: nn.Module) -> nn.Module:
     return served
 
 
-def _is_diagonal(deconv: nn.ConvTranspose2d) -> bool:
-    w = deconv.weight
+def _diagonal_kernels(deconv: nn.ConvTranspose2d) -> torch.Tensor | None:
+    """The C x 1 x k x k kernels of a C -> C deconvolution that maps each channel to itself
+    alone (every non-zero weight on the diagonal), else None."""
+    w = deconv.weight.detach()
     if deconv.groups != 1 or w.shape[0] != w.shape[1] or deconv.bias is not None:
-        return False
+        return None
     idx = torch.arange(w.shape[0], device=w.device)
-    off = w.detach().clone()
-    off[idx, idx] = 0
-    return not off.any()
+    diagonal = w[idx, idx]
+    if torch.count_nonzero(w) != torch.count_nonzero(diagonal):
+        return None
+    return diagonal.unsqueeze(1)
 
 
-def _grouped(deconv: nn.ConvTranspose2d) -> nn.ConvTranspose2d:
+def _grouped(deconv: nn.ConvTranspose2d, kernels: torch.Tensor) -> nn.ConvTranspose2d:
     c = deconv.in_channels
     grouped = nn.ConvTranspose2d(
         c,
@@ -201,10 +205,9 @@ def _grouped(deconv: nn.ConvTranspose2d) -> nn.ConvTranspose2d:
         groups=c,
         bias=False,
         dilation=deconv.dilation,  # type: ignore[arg-type]
-        device=deconv.weight.device,
-        dtype=deconv.weight.dtype,
+        device=kernels.device,
+        dtype=kernels.dtype,
     )
-    idx = torch.arange(c, device=deconv.weight.device)
     with torch.no_grad():
-        grouped.weight.copy_(deconv.weight[idx, idx].unsqueeze(1))
+        grouped.weight.copy_(kernels)
     return grouped.requires_grad_(False).train(deconv.training)
