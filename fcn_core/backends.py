@@ -1,7 +1,8 @@
 """Runtimes that run the network: PyTorch, ONNX Runtime, OpenVINO, behind one small interface.
 
-A :class:`Network` maps a normalised float N x 3 x H x W batch to N x C x H x W logits on the
-predictor's device. The :class:`~fcn_core.inference.Predictor` owns everything around it
+A :class:`Network` maps a normalised float N x 3 x H x W batch to the network's output on the
+predictor's device: N x C x H x W logits, or on the CPU an FCN's coarse scores, which the
+predictor finishes into labels (``fcn_core.final_upsampling``). The :class:`~fcn_core.inference.Predictor` owns everything around it
 (normalisation with the padding zeroed, the one-image-per-thread pool on the CPU, the argmax,
 the crop), so a backend changes only the arithmetic of the forward pass, and the batcher,
 buckets, codecs and metrics never know which one runs.
@@ -29,7 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fcn_core.export import INPUT, OUTPUT
+from fcn_core.export import INPUT
+from fcn_core.models import CoarseScores
 from fcn_core.weights import LoadedWeights, WeightsMetadata
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,8 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 
 
 class Network(Protocol):
-    """A normalised float N x 3 x H x W batch on the device -> N x C x H x W logits."""
+    """A normalised float N x 3 x H x W batch on the device -> the served network's output
+    (logits, or an FCN's coarse scores)."""
 
     name: str
 
@@ -117,8 +120,8 @@ class OnnxRuntimeNetwork:
             return self._sessions[threads]
 
     def __call__(self, x: torch.Tensor, threads: int) -> torch.Tensor:
-        (logits,) = self.session(max(1, threads)).run([OUTPUT], {INPUT: x.numpy()})
-        return torch.from_numpy(logits)
+        (out,) = self.session(max(1, threads)).run(None, {INPUT: x.numpy()})
+        return torch.from_numpy(out)
 
 
 class OpenVinoNetwork:
@@ -220,14 +223,16 @@ def choose_backend(name: str, device: torch.device, meta: WeightsMetadata | None
     return name
 
 
-def onnx_export(model: nn.Module, meta: WeightsMetadata, cache: str | Path | None) -> Path:
-    """The cached ONNX export of the served weights; in a temporary folder when the cache
-    cannot be written (a read-only image), with a warning, rather than not starting."""
+def onnx_export(network: nn.Module, meta: WeightsMetadata, cache: str | Path | None) -> Path:
+    """The cached ONNX export of the served network (an FCN's ``CoarseScores`` exports the
+    coarse graph); in a temporary folder when the cache cannot be written (a read-only
+    image), with a warning, rather than not starting."""
     from fcn_core.export import cache_dir, cached_export
 
-    loaded = LoadedWeights(model, meta)
+    coarse = isinstance(network, CoarseScores)
+    loaded = LoadedWeights(network.fcn if coarse else network, meta)  # type: ignore[arg-type]
     try:
-        return cached_export(loaded, cache)
+        return cached_export(loaded, cache, coarse)
     except OSError as exc:
         fallback = Path(tempfile.mkdtemp(prefix="fcn-export-"))
         log.warning(
@@ -236,7 +241,7 @@ def onnx_export(model: nn.Module, meta: WeightsMetadata, cache: str | Path | Non
             exc,
             fallback,
         )
-        return cached_export(loaded, fallback)
+        return cached_export(loaded, fallback, coarse)
 
 
 def build_network(
@@ -251,8 +256,8 @@ def build_network(
     cache: str | Path | None = None,
 ) -> Network:
     """The network for backend ``name`` (already chosen: see :func:`choose_backend`).
-    ``model`` is on the CPU for the ONNX backends and on ``device`` (perhaps compiled) for
-    torch."""
+    ``model`` is the network to run (``served_network``): on the CPU for the ONNX backends,
+    which export it, and on ``device`` (perhaps compiled) for torch."""
     if name == "torch":
         return TorchNetwork(model, device)
     assert meta is not None

@@ -1,17 +1,22 @@
 """fcn-export: a weights file -> an ONNX graph, cached by content hash, checked on real photos.
 
-The graph is the network alone, exactly what ``Predictor`` runs (its frozen upsampling
-layers grouped, one filter per class: ``grouped_upsampling``): a normalised float
-N x 3 x H x W batch in, N x C x H x W logits out, with batch, height and width dynamic (the
-Lite0 FCN pads itself to a multiple of 32 inside the graph). Normalisation, the argmax and
-the crop stay in the inference core, so every backend shares them and the labels differ only
-by what the runtime computes. The weights' metadata (classes, palette, normalisation, content
-hash, the command that made them) travels in the ONNX file's ``metadata_props`` under ``fcn``.
+The graph is the network exactly as the CPU's inference core runs it (``served_network``):
+its frozen upsampling layers grouped, one filter per class, and, unless ``--full-logits``,
+without its final upsampling: a normalised float N x 3 x H x W batch in, the class scores at
+the output stride out (``scores``, N x C x ~H/8 x ~W/8 for FCN-8s), which
+``fcn_core.final_upsampling`` turns into labels faster than a full-resolution argmax. With
+``--full-logits`` (for other runtimes: Triton, a browser) the graph ends in N x C x H x W
+``logits``. Batch, height and width are dynamic (the Lite0 FCN pads itself to a multiple of
+32 inside the graph). Normalisation and the labels stay in the inference core, so every
+backend shares them and the labels differ only by what the runtime computes. The weights'
+metadata (classes, palette, normalisation, content hash, the command that made them)
+travels in the ONNX file's ``metadata_props`` under ``fcn``, the output's name under
+``fcn_output``.
 
-Exports are cached by the weights' content hash and the graph's version (``GRAPH_VERSION``;
-``FCN_CACHE_DIR``, else ``~/.cache/fcn-serve``), so a service exports once per weights file
-and release of the graph, not at every start;
-``fcn-export`` fills the same cache (a Docker image can export at build time).
+Exports are cached by the weights' content hash, the output and the graph's version
+(``GRAPH_VERSION``; ``FCN_CACHE_DIR``, else ``~/.cache/fcn-serve``), so a service exports
+once per weights file and release of the graph, not at every start; ``fcn-export`` fills the
+same cache (a Docker image can export at build time).
 Needs onnx, onnxscript and onnxruntime (dependencies of fcn-serve: the CPU's backend).
 """
 
@@ -28,13 +33,16 @@ import numpy as np
 import torch
 
 from fcn_core.files import atomic_write
-from fcn_core.models import grouped_upsampling
+from fcn_core.final_upsampling import FinalUpsampling, served_network
+from fcn_core.models import CoarseScores
 from fcn_core.weights import LoadedWeights, WeightsError, WeightsMetadata, load_weights
 
 METADATA_KEY = "fcn"
-INPUT, OUTPUT = "input", "logits"
-GRAPH_KEY, GRAPH_VERSION = "fcn_graph", "2"
-"""A cached export of another graph version is made again: 2 = grouped upsampling layers."""
+INPUT, LOGITS, SCORES = "input", "logits", "scores"
+GRAPH_KEY, GRAPH_VERSION = "fcn_graph", "3"
+"""A cached export of another graph version is made again: 2 = grouped upsampling layers,
+3 = the coarse ``scores`` output."""
+OUTPUT_KEY = "fcn_output"
 
 
 def cache_dir(configured: str | Path | None = None) -> Path:
@@ -44,26 +52,30 @@ def cache_dir(configured: str | Path | None = None) -> Path:
     return Path(chosen) if chosen else Path.home() / ".cache" / "fcn-serve"
 
 
-def export_onnx(loaded: LoadedWeights, path: str | Path) -> Path:
-    """Write the network of ``loaded`` as ONNX (dynamic batch, height, width) to ``path``."""
+def export_onnx(loaded: LoadedWeights, path: str | Path, coarse: bool = True) -> Path:
+    """Write the network of ``loaded`` as ONNX (dynamic batch, height, width) to ``path``:
+    its coarse ``scores`` (``coarse``, when ``FinalUpsampling`` can finish them) or its
+    full-resolution ``logits``."""
     import onnx
 
-    model = grouped_upsampling(loaded.model.eval().cpu())
+    network = served_network(loaded.model.eval().cpu(), coarse)
+    output = SCORES if isinstance(network, CoarseScores) else LOGITS
     dynamic = torch.export.Dim.DYNAMIC
     example = torch.zeros(1, 3, 64, 64)
     program = torch.onnx.export(
-        model,
+        network,
         (example,),
         dynamo=True,
         dynamic_shapes={"x": {0: dynamic, 2: dynamic, 3: dynamic}},
         input_names=[INPUT],
-        output_names=[OUTPUT],
+        output_names=[output],
         verbose=False,
     )
     proto = program.model_proto
     for key, value in (
         (METADATA_KEY, json.dumps(loaded.meta.to_dict())),
         (GRAPH_KEY, GRAPH_VERSION),
+        (OUTPUT_KEY, output),
     ):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -87,13 +99,16 @@ def read_onnx_metadata(path: str | Path, props: dict[str, str] | None = None) ->
     return WeightsMetadata.from_dict(json.loads(props[METADATA_KEY]))
 
 
-def cached_export(loaded: LoadedWeights, cache: str | Path | None = None) -> Path:
-    """The ONNX export of ``loaded``, made once per content hash and reused after; the file is
-    named by the network and the hash alone, so every tool that exports shares it. A file of
-    an older graph version (``GRAPH_VERSION``) is exported again over."""
+def cached_export(
+    loaded: LoadedWeights, cache: str | Path | None = None, coarse: bool = True
+) -> Path:
+    """The ONNX export of ``loaded`` (``export_onnx``), made once per content hash and output
+    and reused after; the file is named by the network, the hash and the output alone, so
+    every tool that exports shares it. A file of an older graph version (``GRAPH_VERSION``)
+    is exported again over."""
     meta = loaded.meta
-    name = f"{meta.arch}-{meta.backbone}-{meta.sha256[:16]}.onnx"
-    path = cache_dir(cache) / "onnx" / name
+    kind = "-coarse" if coarse else ""
+    path = cache_dir(cache) / "onnx" / f"{meta.arch}-{meta.backbone}-{meta.sha256[:16]}{kind}.onnx"
     if path.is_file():
         try:
             props = onnx_properties(path)
@@ -102,25 +117,30 @@ def cached_export(loaded: LoadedWeights, cache: str | Path | None = None) -> Pat
                 return path
         except Exception:  # protobuf's DecodeError, WeightsError, OSError: any unreadable file
             pass  # a broken, foreign or older file under our name: export again over it
-    return export_onnx(loaded, path)
+    return export_onnx(loaded, path, coarse)
 
 
 def label_agreement(
     onnx_path: str | Path, loaded: LoadedWeights, images: Sequence[np.ndarray]
 ) -> float:
-    """Fraction of pixels whose ONNX Runtime label equals PyTorch's, over H x W x 3 images."""
+    """Fraction of pixels whose ONNX Runtime label (finished as the inference core finishes
+    it) equals PyTorch's on the model as loaded, over H x W x 3 images."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    coarse = onnx_properties(onnx_path).get(OUTPUT_KEY) == SCORES
+    final = FinalUpsampling.of(loaded.model) if coarse else None
     equal = total = 0
     model = loaded.model.eval().cpu()
     for image in images:
         x = loaded.meta.normalization(torch.from_numpy(image).permute(2, 0, 1)[None])
         with torch.inference_mode():
-            ours = model(x).max(1).indices.numpy()
-        theirs = session.run([OUTPUT], {INPUT: x.numpy()})[0].argmax(1)
+            ours = model(x).max(1).indices
+            (out,) = session.run(None, {INPUT: x.numpy()})
+            out = torch.from_numpy(out)
+            theirs = final.labels(out, x.shape[-2:]) if final else out.max(1).indices
         equal += int((ours == theirs).sum())
-        total += ours.size
+        total += ours.numel()
     return equal / total
 
 
@@ -147,6 +167,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="photos on which ONNX Runtime's labels must equal PyTorch's",
     )
     p.add_argument(
+        "--full-logits",
+        action="store_true",
+        help="end the graph in full-resolution logits, for other runtimes (default: the "
+        "coarse scores the service runs)",
+    )
+    p.add_argument(
         "--min-agreement", type=float, default=0.999, help="fail below this pixel agreement"
     )
     return p.parse_args(argv)
@@ -156,7 +182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         loaded = load_weights(args.weights, device="cpu")
-        path = export_onnx(loaded, args.output) if args.output else cached_export(loaded)
+        coarse = not args.full_logits
+        path = (
+            export_onnx(loaded, args.output, coarse)
+            if args.output
+            else cached_export(loaded, coarse=coarse)
+        )
     except (FileNotFoundError, WeightsError) as exc:
         print(f"fcn-export: error: {exc}", file=sys.stderr)
         return 2

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from fcn_core.backends import BackendName, Network, build_network, choose_backend
-from fcn_core.models import grouped_upsampling
+from fcn_core.final_upsampling import FinalUpsampling, served_network
 from fcn_core.preprocess import Normalization
 from fcn_core.tiling import TilePolicy, segment_tiled
 from fcn_core.weights import WeightsMetadata, load_weights
@@ -239,9 +239,13 @@ class Predictor:
             if config.channels_last_for(self.device.type, self.backend)
             else torch.contiguous_format
         )
-        # One filter per class in the frozen upsampling layers: the same labels, less time.
-        self.model = grouped_upsampling(model).to(self.device, memory_format=self._memory_format)
-        self.model.eval()
+        # On the CPU the network stops before the final upsampling, and the labels are
+        # finished from its coarse scores (fcn_core.final_upsampling: the same labels, less
+        # time); on a GPU the full upsampling is cheap. Either way the frozen upsampling
+        # layers run one filter per class (grouped_upsampling).
+        self.final = FinalUpsampling.of(model) if self.device.type == "cpu" else None
+        self.model = served_network(model, coarse=self.final is not None)
+        self.model.to(self.device, memory_format=self._memory_format).eval()
         self.compiled = torch_backend and config.compile
         self._net: Network = build_network(
             self.backend,
@@ -324,19 +328,33 @@ class Predictor:
         return run(x, self._alone_threads)
 
     def _labels(self, x: torch.Tensor, threads: int) -> torch.Tensor:
+        out = self._forward(x, threads)
+        if self.final is not None:
+            with torch.inference_mode():
+                return self.final.labels(self._checked(out, x, coarse=True), x.shape[-2:])
         # max().indices, not argmax(): the same first-maximum labels, but torch's CPU argmax
         # over a non-inner dimension is ~15x slower (34 vs 2 ms for 11 x 384 x 480).
-        return self._logits(x, threads).max(1).indices.to(torch.uint8)
+        return self._checked(out, x).max(1).indices.to(torch.uint8)
 
     def _scores(self, x: torch.Tensor, threads: int) -> torch.Tensor:
-        return self._logits(x, threads).to(torch.float16)
+        out = self._forward(x, threads)
+        if self.final is not None:
+            with torch.inference_mode():
+                out = self.final.logits(out, x.shape[-2:])
+        return self._checked(out, x).to(torch.float16)
 
-    def _logits(self, x: torch.Tensor, threads: int) -> torch.Tensor:
-        """grad and autocast modes are per thread, hence set here, in the thread that runs."""
+    def _forward(self, x: torch.Tensor, threads: int) -> torch.Tensor:
+        """The network's output: logits, or coarse scores when ``final`` finishes them.
+        grad and autocast modes are per thread, hence set here, in the thread that runs."""
         x = x.contiguous(memory_format=self._memory_format)
         with torch.inference_mode(), self._autocast():
-            logits = self._net(x, threads)
-        if logits.shape[0] != x.shape[0] or logits.shape[-2:] != x.shape[-2:]:
+            return self._net(x, threads)
+
+    @staticmethod
+    def _checked(logits: torch.Tensor, x: torch.Tensor, coarse: bool = False) -> torch.Tensor:
+        """``logits`` if they fit ``x`` (N x C x H x W; ``coarse``: N x C at any size)."""
+        size = logits.shape[-2:] if coarse else x.shape[-2:]
+        if logits.shape[0] != x.shape[0] or logits.shape[-2:] != size:
             raise RuntimeError(
                 f"model returned {tuple(logits.shape)} for input {tuple(x.shape)}; "
                 "expected N x C x H x W logits"

@@ -54,19 +54,34 @@ def test_exports_are_cached_by_content_hash(exported: Path) -> None:
     )
 
 
-def test_the_graph_upsamples_one_class_per_filter_and_older_graphs_are_made_again(
-    exported: Path, tmp_path: Path
-) -> None:
+def conv_transposes(path: Path) -> list[int]:
+    """The ``group`` of every ConvTranspose node of an ONNX graph."""
     import onnx
 
-    proto = onnx.load(str(exported))
-    deconvs = [n for n in proto.graph.node if n.op_type == "ConvTranspose"]
-    groups = [next((a.i for a in n.attribute if a.name == "group"), 1) for n in deconvs]
-    classes = read_metadata(WEIGHTS).num_classes
-    assert len(deconvs) == 3 and groups == [classes] * 3
-    assert export.onnx_properties(exported)[export.GRAPH_KEY] == export.GRAPH_VERSION
+    nodes = onnx.load(str(path)).graph.node
+    deconvs = [n for n in nodes if n.op_type == "ConvTranspose"]
+    return [next((a.i for a in n.attribute if a.name == "group"), 1) for n in deconvs]
 
-    # A cache file from before grouped upsampling: same weights, no graph version.
+
+def test_the_graph_stops_before_the_final_upsampling_and_groups_the_others(
+    exported: Path, tmp_path: Path
+) -> None:
+    classes = read_metadata(WEIGHTS).num_classes
+    props = export.onnx_properties(exported)
+    assert props[export.GRAPH_KEY] == export.GRAPH_VERSION
+    assert props[export.OUTPUT_KEY] == export.SCORES and exported.stem.endswith("-coarse")
+    assert conv_transposes(exported) == [classes] * 2  # upscore2, upscore_pool4; not upscore8
+
+    full = export.cached_export(load_weights(WEIGHTS), exported.parents[1], coarse=False)
+    assert full != exported and export.onnx_properties(full)[export.OUTPUT_KEY] == export.LOGITS
+    assert conv_transposes(full) == [classes] * 3
+
+
+def test_older_graphs_in_the_cache_are_made_again(exported: Path, tmp_path: Path) -> None:
+    import onnx
+
+    # A cache file from before the current graph version: same weights, no graph version.
+    proto = onnx.load(str(exported))
     del proto.metadata_props[:]
     entry = proto.metadata_props.add()
     entry.key, entry.value = export.METADATA_KEY, json.dumps(read_metadata(WEIGHTS).to_dict())
@@ -83,4 +98,8 @@ def test_fcn_export_checks_and_reports(tmp_path: Path, capsys: pytest.CaptureFix
     args = ["--weights", str(WEIGHTS), "--output", str(out), "--check", photo]
     assert export.main(args) == 0
     assert "labels equal to PyTorch's on 100" in capsys.readouterr().out
+    assert export.onnx_properties(out)[export.OUTPUT_KEY] == export.SCORES
+    assert export.main([*args, "--full-logits"]) == 0
+    assert "labels equal to PyTorch's on 100" in capsys.readouterr().out
+    assert export.onnx_properties(out)[export.OUTPUT_KEY] == export.LOGITS
     assert export.main(["--weights", str(tmp_path / "missing.safetensors")]) == 2

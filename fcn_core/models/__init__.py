@@ -10,6 +10,7 @@ from fcn_core.models.backbones import (
 from fcn_core.models.fcn import (
     ARCHITECTURES,
     FCN,
+    CoarseScores,
     FCN8s,
     FCN16s,
     FCN32s,
@@ -24,6 +25,7 @@ __all__ = [
     "BACKBONES",
     "FCN",
     "Backbone",
+    "CoarseScores",
     "FCN8s",
     "FCN16s",
     "FCN32s",

@@ -70,7 +70,24 @@ class FCN(nn.Module):
             self.score_pool3 = zero_(nn.Conv2d(c3, num_classes, 1))
         self.add_module(FINAL_UPSCORE[self.stride], up(self.stride))
 
+    @property
+    def final_upsampling(self) -> nn.ConvTranspose2d:
+        """The last layer: the stride-``stride`` scores up to the input's resolution."""
+        return getattr(self, FINAL_UPSCORE[self.stride])
+
+    @property
+    def final_offset(self) -> int:
+        """Where the output's first row and column sit in the final upsampling's output."""
+        return self.geometry.final_offset[self.stride]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        score = self.final_upsampling(self.coarse_scores(x))
+        offset = self.final_offset
+        return score[..., offset : offset + h, offset : offset + w]
+
+    def coarse_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused class scores at the output stride, before the final upsampling."""
         h, w = x.shape[-2:]
         geo = self.geometry
         if geo.pad_to > 1:
@@ -87,9 +104,7 @@ class FCN(nn.Module):
             if self.at_once:
                 pool3 = pool3 * 0.0001
             score = score + crop_like(self.score_pool3(pool3), geo.pool3_offset, score)
-        score = getattr(self, FINAL_UPSCORE[self.stride])(score)
-        offset = geo.final_offset[self.stride]
-        return score[..., offset : offset + h, offset : offset + w]
+        return score
 
     @classmethod
     def from_coarser(cls, coarser: FCN, **kwargs) -> FCN:
@@ -148,6 +163,20 @@ def build_model(
 def list_models() -> list[str]:
     """Every architecture x backbone ``build_model`` makes, as ``arch/backbone`` names."""
     return [f"{arch}/{backbone}" for arch in ARCHITECTURES for backbone in BACKBONES]
+
+
+class CoarseScores(nn.Module):
+    """An FCN without its final upsampling: a normalised batch -> :meth:`FCN.coarse_scores`.
+    What the CPU serves (``fcn_core.final_upsampling`` finishes the labels); shares the FCN's
+    parameters."""
+
+    def __init__(self, fcn: FCN) -> None:
+        super().__init__()
+        self.fcn = fcn
+        self.train(fcn.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fcn.coarse_scores(x)
 
 
 def grouped_upsampling(model: nn.Module) -> nn.Module:
