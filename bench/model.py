@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fcn_core.backends import Network, build_network, choose_backend
+from fcn_core.final_upsampling import FinalUpsampling, served_network
 from fcn_core.inference import usable_cores
 from fcn_core.models import build_model, grouped_upsampling
 from fcn_core.models.backbones import default_normalization
@@ -84,8 +85,9 @@ class ModelReport(BaseModel):
     num_classes: int
     weights: str  # the file, or a note that the weights are untrained
     what_is_timed: str = (
-        "uint8 batch on device -> normalise -> forward (the case's backend) -> max(1).indices -> "
-        "uint8"
+        "uint8 batch on device -> normalise -> forward (the case's backend) -> labels as the "
+        "service makes them (on the CPU from the coarse scores, fcn_core.final_upsampling; "
+        "else max(1).indices) -> uint8"
     )
     compile_mode: str = "default"
     cudnn_benchmark: bool = False
@@ -122,16 +124,18 @@ def device_step(
     normalization: Normalization,
     precision: str,
     channels_last: bool,
+    final: FinalUpsampling | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """uint8 N x 3 x H x W on the device -> uint8 N x H x W labels, as the service's runner."""
+    """uint8 N x 3 x H x W on the device -> uint8 N x H x W labels, as the service's runner:
+    with ``final``, ``model`` gives coarse scores and ``final`` finishes the labels."""
 
     def step(images: torch.Tensor) -> torch.Tensor:
         x = normalization(images)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(images.device, precision):
-            logits = model(x)
-        return class_labels(logits)
+            out = model(x)
+        return final.labels(out, x.shape[-2:]) if final else class_labels(out)
 
     return step
 
@@ -213,7 +217,9 @@ def run_case(
     max_seconds: float = 10.0,
     compile_mode: str = "default",
     backends: Backends | None = None,
+    final: FinalUpsampling | None = None,
 ) -> ModelResult:
+    """``model``: the network as served (coarse scores when ``final`` finishes them)."""
     device = next(model.parameters()).device
     fmt = torch.channels_last if case.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
@@ -224,7 +230,7 @@ def run_case(
         if backends is None:
             raise ValueError(f"the {case.backend} case needs the weights' backends")
         runnable = backends.runner(case.backend, case.threads)
-    step = device_step(runnable, normalization, case.precision, case.channels_last)
+    step = device_step(runnable, normalization, case.precision, case.channels_last, final)
     x = input_batch(images, case.batch, device)
     with intra_op_threads(case.threads):
         times, first = time_step(step, x, warmup=warmup, iters=iters, max_seconds=max_seconds)
@@ -269,10 +275,12 @@ def backend_agreement(
     images: Sequence[np.ndarray],
     backends: Backends,
     backend: str,
+    final: FinalUpsampling | None = None,
 ) -> AgreementResult:
-    """Per-pixel agreement of ``backend``'s labels with torch's fp32 ones, image by image."""
+    """Per-pixel agreement of ``backend``'s labels as served (``final``: finished from its
+    coarse scores) with torch's fp32 ones from the full ``model``, image by image."""
     torch_step = device_step(model, normalization, "fp32", False)
-    other = device_step(backends.runner(backend, 0), normalization, "fp32", False)
+    other = device_step(backends.runner(backend, 0), normalization, "fp32", False, final)
     same = pixels = 0
     with torch.inference_mode():
         for img in images:
@@ -413,7 +421,11 @@ def run_sweep(
     model, norm, note, meta = load_model(weights, arch, backbone, num_classes, dev)
     if meta is not None:
         arch, backbone, num_classes = meta.arch, meta.backbone, meta.num_classes
-    others = Backends(model, meta) if dev.type == "cpu" else None
+    # On the CPU the service runs the network up to its coarse scores and finishes the
+    # labels from them; time that, on every backend.
+    final = FinalUpsampling.of(model) if dev.type == "cpu" else None
+    network = served_network(model, coarse=final is not None)
+    others = Backends(network, meta) if dev.type == "cpu" else None
     photos: dict[tuple[int, int], list[np.ndarray]] = {}  # (h, w) -> photos of that size
     gflops: dict[tuple[int, int], float] = {}
     results = []
@@ -423,7 +435,7 @@ def run_sweep(
             photos[key] = photos_of_size(key, 8, data_root)
             gflops[key] = model_gflop(arch, backbone, num_classes, case.height, case.width)
         r = run_case(
-            model,
+            network,
             norm,
             case,
             photos[key],
@@ -433,6 +445,7 @@ def run_sweep(
             max_seconds=max_seconds,
             compile_mode=compile_mode,
             backends=others,
+            final=final,
         )
         log(
             f"{case.width}x{case.height} b{case.batch} {case.backend} {case.precision}"
@@ -442,7 +455,7 @@ def run_sweep(
             f"{r.achieved_tflops:.3f} TFLOP/s"
         )
         results.append(r)
-    model.to(memory_format=torch.contiguous_format)
+    network.to(memory_format=torch.contiguous_format)
     low = sorted({c.precision for c in cases} - {"fp32"})
     agreement = []
     other_backends = sorted({c.backend for c in cases} - {"torch"})
@@ -450,7 +463,9 @@ def run_sweep(
         imgs = photos_of_size(next(iter(photos)), agreement_images, data_root)
         agreement = [label_agreement(model, norm, imgs, p) for p in low]
         if others is not None:
-            agreement += [backend_agreement(model, norm, imgs, others, b) for b in other_backends]
+            agreement += [
+                backend_agreement(model, norm, imgs, others, b, final) for b in other_backends
+            ]
     peaks = {p: matmul_tflops(dev, p) for p in ["fp32", *low]}
     return ModelReport(
         machine=describe(device),
