@@ -42,7 +42,7 @@ from .model import backend_cases, randomise_scores, run_sweep, sweep_cases
 from .plan import Plan, Scenario, make_plan, select_variants
 from .records import BenchReport, MemoryCheck, ScenarioResult
 from .report import markdown
-from .servers import ServerProcess, ServerSpec, free_port, serve_all
+from .servers import ServerProcess, ServerSpec, alone, free_port, serve_all
 from .targets import check_targets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -125,24 +125,25 @@ def load_sweep(
     plan: Plan,
     log: Callable[[str], None],
 ) -> dict[str, list[LoadResult]]:
-    """Each concurrency level, each server in turn (order alternating between levels)."""
+    """Each concurrency level, each server in turn (order alternating between levels), the
+    others paused meanwhile (``alone``)."""
     results: dict[str, list[LoadResult]] = {name: [] for name in running}
     names = list(running)
     for i, c in enumerate(plan.concurrency):
         for name in names if i % 2 == 0 else names[::-1]:
-            server = running[name]
-            r = asyncio.run(
-                closed_loop(
-                    server.base_url + ENDPOINT,
-                    payloads,
-                    c,
-                    max_requests=max(plan.requests_per_level, 2 * c),
-                    max_seconds=plan.seconds_per_level,
-                    warmup_requests=c,
-                    metrics_url=server.base_url + "/metrics",
-                    upload=server.upload or UPLOAD,
+            with alone(running, name) as server:
+                r = asyncio.run(
+                    closed_loop(
+                        server.base_url + ENDPOINT,
+                        payloads,
+                        c,
+                        max_requests=max(plan.requests_per_level, 2 * c),
+                        max_seconds=plan.seconds_per_level,
+                        warmup_requests=c,
+                        metrics_url=server.base_url + "/metrics",
+                        upload=server.upload or UPLOAD,
+                    )
                 )
-            )
             log(
                 f"  {name:16s} c={c:<3d} {r.throughput_rps:8.2f} req/s  p50 {r.latency_ms_p50} ms"
                 f"  p99 {r.latency_ms_p99} ms  batch {r.mean_batch_size}  errors {r.errors}"
@@ -248,13 +249,14 @@ def run_scenario(
             results = load_sweep(running, payloads, plan, log)
             if scenario.memory and plan.memory_requests:
                 log(f"[{name}] memory: {plan.memory_requests} requests to the service")
-                check = memory_run(
-                    running["service"],
-                    payloads,
-                    plan.memory_requests,
-                    plan.memory_concurrency,
-                    rss_ready,
-                )
+                with alone(running, "service") as service:
+                    check = memory_run(
+                        service,
+                        payloads,
+                        plan.memory_requests,
+                        plan.memory_concurrency,
+                        rss_ready,
+                    )
                 log(f"  RSS {check.rss_mib_samples[0][1]} -> {check.rss_mib_samples[-1][1]} MiB")
     result = ScenarioResult(
         name=name,

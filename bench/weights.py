@@ -25,7 +25,7 @@ from .http import closed_loop
 from .images import DEFAULT_DATA_ROOT, workload_jpegs
 from .machine import describe
 from .run import ENDPOINT, RESULTS_DIR, UPLOAD
-from .servers import ServerSpec, free_port, serve_all
+from .servers import ServerSpec, alone, free_port, serve_all
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -73,9 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for _ in range(args.rounds):
             for c in args.concurrency:
                 for spec in specs:
-                    got = asyncio.run(
-                        measure(servers[spec.name].base_url, payloads, c, args.requests)
-                    )
+                    with alone(servers, spec.name) as server:
+                        got = asyncio.run(measure(server.base_url, payloads, c, args.requests))
                     key = (spec.name, c)
                     if key not in best or got["req_s"] > best[key]["req_s"]:
                         best[key] = got

@@ -25,7 +25,7 @@ from bench.model import label_agreement, model_gflop
 from bench.plan import Plan, make_plan, select_variants
 from bench.records import BenchReport
 from bench.run import SHIPPED_WEIGHTS, run, untrained_weights
-from bench.servers import ServerSpec, free_port, serve_all
+from bench.servers import ServerSpec, alone, free_port, group_states, serve_all
 from fcn_core.models import build_model
 from fcn_core.weights import load_weights
 from service.metrics import Metrics
@@ -252,6 +252,15 @@ def test_the_peers_answer_the_services_labels(tmp_path: Path) -> None:
             assert answer.status_code == 200, (name, answer.text)
             labels = np.asarray(Image.open(io.BytesIO(answer.content)))
             assert (labels == expected).mean() >= 0.999, name
+
+        # Measured alone: the other server's whole group (LitServe's workers too) is paused.
+        litserve = running["litserve"].process.pid
+        with alone(running, "baseline") as baseline:
+            assert group_states(litserve) == {"T"}
+            assert "T" not in group_states(baseline.process.pid)
+            assert httpx.get(baseline.base_url + "/healthz", timeout=30).status_code == 200
+        assert "T" not in group_states(litserve)
+        assert httpx.get(running["litserve"].base_url + "/healthz", timeout=30).status_code == 200
 
 
 @needs_data
