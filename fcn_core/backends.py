@@ -40,13 +40,13 @@ BackendName = Literal["auto", "torch", "onnxruntime", "openvino"]
 BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "openvino")
 
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    # Fastest first, by bench/results/2026-12-03-cpu-backends{,-run1,-run2}.md (2-core AMD
-    # EPYC, 480x360 JPEGs), since the upsampling layers run grouped (ONNX Runtime gained most
-    # from it): req/s at concurrency 8, ONNX Runtime 28.1 / 19.8 / 20.9 against OpenVINO
-    # 19.3 / 18.5 / 18.4; p50 at concurrency 1, 55.5 / 68.8 / 58.3 against 59.5 / 64.5 /
-    # 61.9 ms (a tie); labels equal to torch's on 100 % of pixels. A backend whose packages
-    # are not installed is skipped. GPUs: torch until another runtime is measured against the
-    # CUDA path.
+    # Fastest first, by bench/results/2026-12-03-cpu-alone{,-run2}.md (2-core AMD EPYC,
+    # 480x360 JPEGs, each server measured alone, labels from the coarse scores): req/s at
+    # concurrency 8, ONNX Runtime 25.8 / 27.2 against OpenVINO 24.5 / 25.4 (and ahead in the
+    # three -backends runs before: 28.1 / 19.8 / 20.9 against 19.3 / 18.5 / 18.4); p50 at
+    # concurrency 1 a tie (74.8 / 49.7 against 57.1 / 46.3 ms); labels equal to torch's on
+    # 100 % of pixels. A backend whose packages are not installed is skipped. GPUs: torch
+    # until another runtime is measured against the CUDA path.
     "cpu": ("onnxruntime", "openvino", "torch"),
     "cuda": ("torch",),
 }
