@@ -6,7 +6,7 @@ for every class and all positive. So where those four coarse pixels share their 
 maximum, every output pixel between them has that label too: for a class ``c`` ranked below
 the shared label ``L``, each of the four has ``s[L] > s[c]`` (or ``>=`` with ``L`` first),
 and a positive weighted sum keeps it. On a photo most f x f cells of the output are like that
-(85 % on CamVid's street scenes, 65-90 % on the demo photos); only the cells on a class
+(85 % on CamVid's street scenes, 65-92 % on the demo photos); only the cells on a class
 boundary need their scores upsampled and an argmax taken.
 
 This is what the CPU runs instead of upsampling 11 or 21 score maps to full resolution and

@@ -11,7 +11,8 @@ Everything that runs the model on images shares this module: the server's runner
 - :class:`Predictor`: the model on its device through a backend (``fcn_core.backends``:
   PyTorch eager or compiled, ONNX Runtime, OpenVINO), channels-last, autocast; on the CPU a
   batch's images run one per thread and an image alone gets every core; padding zeroed after
-  normalisation, argmax on the device;
+  normalisation, argmax on the device (on the CPU, labels finished from the FCN's coarse
+  scores: ``fcn_core.final_upsampling``);
 - :class:`Segmenter`: the above end to end for callers that hold the images (no server).
 
 The server wraps a :class:`Predictor` with what only a server needs: reused pinned staging
