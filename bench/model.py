@@ -423,8 +423,7 @@ def run_sweep(
         arch, backbone, num_classes = meta.arch, meta.backbone, meta.num_classes
     # On the CPU the service runs the network up to its coarse scores and finishes the
     # labels from them; time that, on every backend.
-    final = FinalUpsampling.of(model) if dev.type == "cpu" else None
-    network = served_network(model, coarse=final is not None)
+    network, final = served_network(model, coarse=dev.type == "cpu")
     others = Backends(network, meta) if dev.type == "cpu" else None
     photos: dict[tuple[int, int], list[np.ndarray]] = {}  # (h, w) -> photos of that size
     gflops: dict[tuple[int, int], float] = {}

@@ -33,8 +33,7 @@ import numpy as np
 import torch
 
 from fcn_core.files import atomic_write
-from fcn_core.final_upsampling import FinalUpsampling, served_network
-from fcn_core.models import CoarseScores
+from fcn_core.final_upsampling import served_network
 from fcn_core.weights import LoadedWeights, WeightsError, WeightsMetadata, load_weights
 
 METADATA_KEY = "fcn"
@@ -58,8 +57,8 @@ def export_onnx(loaded: LoadedWeights, path: str | Path, coarse: bool = True) ->
     full-resolution ``logits``."""
     import onnx
 
-    network = served_network(loaded.model.eval().cpu(), coarse)
-    output = SCORES if isinstance(network, CoarseScores) else LOGITS
+    network, final = served_network(loaded.model.eval().cpu(), coarse)
+    output = SCORES if final else LOGITS
     dynamic = torch.export.Dim.DYNAMIC
     example = torch.zeros(1, 3, 64, 64)
     program = torch.onnx.export(
@@ -129,7 +128,7 @@ def label_agreement(
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     coarse = onnx_properties(onnx_path).get(OUTPUT_KEY) == SCORES
-    final = FinalUpsampling.of(loaded.model) if coarse else None
+    _, final = served_network(loaded.model, coarse)
     equal = total = 0
     model = loaded.model.eval().cpu()
     for image in images:

@@ -10,8 +10,8 @@ and a positive weighted sum keeps it. On a photo most f x f cells of the output 
 boundary need their scores upsampled and an argmax taken.
 
 This is what the CPU runs instead of upsampling 11 or 21 score maps to full resolution and
-taking the argmax over them (one thread, 480x360, ONNX Runtime: 52 -> 41 ms an image with the
-argmax; labels equal on every pixel of the CamVid and demo photos). A cell is taken whole
+taking the argmax over them (one thread, 480x360 padded to 384, ONNX Runtime, a 2-core EPYC on 2026-12-03: 52 -> 41 ms
+an image with the argmax; labels equal on every pixel of the CamVid and demo photos). A cell is taken whole
 only if each of its coarse pixels leads by a margin (``REL_TOL`` of the image's largest
 score), far above the float rounding of the sums, so the shortcut agrees with the full
 computation to the same rounding as the full computation with itself. GPUs keep the full
@@ -22,6 +22,7 @@ device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,7 @@ class FinalUpsampling:
         a module that is not an FCN)."""
         if not isinstance(model, FCN):
             return None
+        # Grouped as served (a no-op on a served model): the kernels are then C x 1 x k x k.
         deconv = grouped_upsampling(model).final_upsampling
         f, k = deconv.stride, deconv.kernel_size
         if (
@@ -111,25 +113,28 @@ class FinalUpsampling:
         (oh, ow) = size
         return full[:, start : start + oh, start : start + ow]
 
+    @cached_property
+    def _taps(self) -> torch.Tensor:
+        """C x 2 x 2 x f x f: corner (u, v) of a cell is coarse pixel (a - 1 + u, b - 1 + v),
+        and it reaches the cell through the kernel's half [(1 - u) f, (2 - u) f) in each
+        direction (built once: ``labels`` runs per image)."""
+        f, k = self.stride, self.kernels
+        rows = [
+            torch.stack(
+                [k[:, (1 - u) * f : (2 - u) * f, (1 - v) * f : (2 - v) * f] for v in (0, 1)], 1
+            )
+            for u in (0, 1)
+        ]
+        return torch.stack(rows, 1)
+
     def _cell_labels(
         self, scores: torch.Tensor, i: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     ) -> torch.Tensor:
         """The f x f labels of cells (i, a, b), from their 2 x 2 coarse pixels: the
         deconvolution's sums written out (zero past the edges, as the deconvolution's)."""
-        f, k = self.stride, self.kernels.to(scores.device)
         padded = F.pad(scores, (1, 1, 1, 1))
         corners = padded.unfold(2, 2, 1).unfold(3, 2, 1)[i, :, a, b]  # cells x C x 2 x 2
-        # Corner (u, v) is coarse pixel (a - 1 + u, b - 1 + v): it reaches the cell through
-        # the kernel's half [(1 - u) f, (2 - u) f) in each direction.
-        taps = torch.stack(
-            [
-                torch.stack(
-                    [k[:, (1 - u) * f : (2 - u) * f, (1 - v) * f : (2 - v) * f] for v in (0, 1)], 1
-                )
-                for u in (0, 1)
-            ],
-            1,
-        )  # C x 2 x 2 x f x f
+        taps = self._taps.to(scores.device)
         return torch.einsum("ncuv,cuvyx->ncyx", corners, taps).max(1).indices.to(torch.uint8)
 
 
@@ -139,11 +144,13 @@ def _pool_max(x: torch.Tensor, pad: float) -> torch.Tensor:
     return F.max_pool2d(F.pad(x, (1, 1, 1, 1), value=pad)[:, None], 2, 1)[:, 0]
 
 
-def served_network(model: nn.Module, coarse: bool) -> nn.Module:
-    """What a backend runs for ``model``: its frozen upsampling grouped
-    (:func:`~fcn_core.models.grouped_upsampling`), and with ``coarse`` and an exact
-    :class:`FinalUpsampling`, without its final layer (:class:`CoarseScores`)."""
+def served_network(model: nn.Module, coarse: bool) -> tuple[nn.Module, FinalUpsampling | None]:
+    """What a backend runs for ``model``, and what finishes its output into labels: its frozen
+    upsampling grouped (:func:`~fcn_core.models.grouped_upsampling`), and with ``coarse`` and
+    an exact :class:`FinalUpsampling`, without its final layer (:class:`CoarseScores`, with
+    that ``FinalUpsampling``); else the whole network and None (logits: take the argmax)."""
     grouped = grouped_upsampling(model)
-    if coarse and FinalUpsampling.of(grouped) is not None:
-        return CoarseScores(grouped)  # type: ignore[arg-type]
-    return grouped
+    final = FinalUpsampling.of(grouped) if coarse else None
+    if final is None:
+        return grouped, None
+    return CoarseScores(grouped), final  # type: ignore[arg-type]

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from fcn_core.backends import BackendName, Network, build_network, choose_backend
-from fcn_core.final_upsampling import FinalUpsampling, served_network
+from fcn_core.final_upsampling import served_network
 from fcn_core.preprocess import Normalization
 from fcn_core.tiling import TilePolicy, segment_tiled
 from fcn_core.weights import WeightsMetadata, load_weights
@@ -244,8 +244,7 @@ class Predictor:
         # finished from its coarse scores (fcn_core.final_upsampling: the same labels, less
         # time); on a GPU the full upsampling is cheap. Either way the frozen upsampling
         # layers run one filter per class (grouped_upsampling).
-        self.final = FinalUpsampling.of(model) if self.device.type == "cpu" else None
-        self.model = served_network(model, coarse=self.final is not None)
+        self.model, self.final = served_network(model, coarse=self.device.type == "cpu")
         self.model.to(self.device, memory_format=self._memory_format).eval()
         self.compiled = torch_backend and config.compile
         self._net: Network = build_network(

@@ -68,12 +68,12 @@ def test_only_a_frozen_bilinear_final_layer_is_finished_from_coarse_scores() -> 
     with torch.no_grad():
         learned.upscore8.weight[0, 0, 0, 0] = -0.1  # a learnt kernel with a negative weight
     assert FinalUpsampling.of(learned) is None
-    assert not isinstance(served_network(learned, coarse=True), CoarseScores)
+    assert not isinstance(served_network(learned, coarse=True)[0], CoarseScores)
     other = nn.Sequential(nn.Conv2d(3, 4, 1))
-    assert FinalUpsampling.of(other) is None and served_network(other, coarse=True) is other
+    assert FinalUpsampling.of(other) is None and served_network(other, coarse=True)[0] is other
 
     frozen = build_model("fcn8s", 4, "efficientnet_lite0").eval()
-    served = served_network(frozen, coarse=True)
+    served, _ = served_network(frozen, coarse=True)
     assert isinstance(served, CoarseScores) and served.fcn.upscore2.groups == 4
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
