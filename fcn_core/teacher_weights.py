@@ -63,7 +63,7 @@ def read_deeplab_convs(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.
         raw = interpreter.get_tensor(index).astype(np.float32)
         if len(q["scales"]) != 1:
             raise ValueError(f"{path}: per-channel quantisation is not supported")
-        return (raw - q["zero_points"][0]) * q["scales"][0]
+        return ((raw - q["zero_points"][0]) * q["scales"][0]).astype(np.float32)
 
     convs = {}
     # The op list is the one place the file says which weight and bias belong together.
@@ -101,12 +101,16 @@ def conv_norm_pairs(backbone: MobileNetV2DeepLab) -> dict[str, tuple[nn.Conv2d, 
 
 
 @torch.no_grad()
-def init_from_deeplab(model: nn.Module, path: str | Path, photos: Iterable[torch.Tensor]) -> int:
-    """Start an FCN over ``mobilenet_v2`` as the DeepLab TFLite teacher at ``path``.
+def init_from_deeplab(
+    model: nn.Module, path: str | Path, photos: Iterable[torch.Tensor]
+) -> list[str]:
+    """Start an FCN over ``mobilenet_v2`` as the DeepLab TFLite file at ``path``.
 
+    The trunk and the head always; the classifier (``score_fr``) where the file's classes are
+    as many as the model's, else it keeps its zeros (a new data set's classes: transfer).
     ``photos``: a few normalised N x 3 x H x W batches, used only to measure what each batch
-    norm sees. Returns how many convolutions were copied. The skips' score layers keep their
-    zeros. Raises ``ValueError`` where the file and the model do not fit layer for layer.
+    norm sees. Returns what was copied, in words. The skips' score layers keep their zeros.
+    Raises ``ValueError`` where the file and the model do not fit layer for layer.
     """
     backbone = model.backbone
     if not isinstance(backbone, MobileNetV2DeepLab):
@@ -128,16 +132,23 @@ def init_from_deeplab(model: nn.Module, path: str | Path, photos: Iterable[torch
         norm.running_var.fill_(1 - norm.eps)
         norm.weight.fill_(1)
         norm.bias.copy_(bias)
+    copied = [f"{len(pairs)} convolutions of the trunk and head"]
     weight, bias = convs[CLASSIFIER]
-    if weight.shape != model.score_fr.weight.shape:
+    if weight.shape == model.score_fr.weight.shape:
+        model.score_fr.weight.copy_(weight)
+        model.score_fr.bias.copy_(bias)
+        copied.append(f"the classifier ({weight.shape[0]} classes)")
+    elif weight.shape[0] == model.score_fr.weight.shape[0]:
         raise ValueError(
-            f"{CLASSIFIER}: the file has {tuple(weight.shape)} (its classes), "
+            f"{CLASSIFIER}: the file has {tuple(weight.shape)}, "
             f"the model {tuple(model.score_fr.weight.shape)}"
         )
-    model.score_fr.weight.copy_(weight)
-    model.score_fr.bias.copy_(bias)
+    else:
+        copied.append(
+            f"not the classifier ({weight.shape[0]} classes, the model's {model.num_classes})"
+        )
     measure_norms(model, [norm for _, norm in pairs.values()], photos)
-    return len(pairs) + 1
+    return copied
 
 
 def measure_norms(

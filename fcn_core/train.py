@@ -77,8 +77,8 @@ from fcn_core.teacher_weights import init_from_deeplab
 from fcn_core.train_config import PAPER_LR, TrainConfig, parse_args
 from fcn_core.weights import WeightsError, WeightsMetadata, load_weights, save_weights
 
-TEACHER_NORM_BATCHES = 4
-"""Batches of training crops on which a teacher-started student's batch norms are measured."""
+DEEPLAB_NORM_BATCHES = 4
+"""Batches of training crops on which a DeepLab-started net's batch norms are measured."""
 
 __all__ = ["TrainConfig", "main", "parse_args", "stage_lr", "train"]
 
@@ -271,8 +271,8 @@ def train(cfg: TrainConfig) -> Path | None:
             continue
         torch.manual_seed(cfg.seed + stage)  # new layers' random init replays on resume
         model = make_stage_model(cfg, arch, stage, model, num_classes)
-        if stage == 0 and cfg.init_from_teacher and not resume:
-            start_as_teacher(cfg, model, train_ds, normalization)
+        if stage == 0 and cfg.init_from_deeplab and not resume:
+            start_from_deeplab(cfg.init_from_deeplab, cfg, model, train_ds, normalization)
         if resume and stage == start_stage:
             model.load_state_dict(resume["model"])
         model.to(device, memory_format=torch.channels_last)
@@ -405,28 +405,28 @@ def make_stage_model(
         if loaded.meta.arch == arch:
             return loaded.model.train()
         return cls.from_coarser(loaded.model, learnable_upsampling=cfg.learnable_upsampling)
-    pretrained = cfg.pretrained and not cfg.init_from_teacher  # the teacher brings its own
+    pretrained = cfg.pretrained and not cfg.init_from_deeplab  # that brings its own
     return build_model(arch, num_classes, cfg.backbone, pretrained=pretrained, **opts)
 
 
-def start_as_teacher(
-    cfg: TrainConfig, model: nn.Module, train_ds: Dataset, normalization: Normalization
+def start_from_deeplab(
+    path: Path,
+    cfg: TrainConfig,
+    model: nn.Module,
+    train_ds: Dataset,
+    normalization: Normalization,
 ) -> None:
-    """``--init-from-teacher``: the teacher's own weights, its batch norms measured on the
+    """``--init-from-deeplab``: a trained DeepLab's weights, its batch norms measured on the
     first few training crops (epoch 0's augmentation, so a resumed run does not need them)."""
-    if cfg.teacher is None:
-        raise ValueError("--init-from-teacher needs --teacher")
     loader = DataLoader(
         train_ds,
         batch_size=cfg.batch_size,
         sampler=RandomSampler(train_ds, generator=seed_epoch(cfg.seed, 0, 0)),
         collate_fn=pad_collate,
     )
-    batches = (
-        normalization(images) for images, _ in itertools.islice(loader, TEACHER_NORM_BATCHES)
-    )
-    copied = init_from_deeplab(model, cfg.teacher, batches)
-    print(f"started from the teacher: {copied} convolutions of {cfg.teacher.name}", flush=True)
+    batches = (normalization(x) for x, _ in itertools.islice(loader, DEEPLAB_NORM_BATCHES))
+    copied = init_from_deeplab(model, path, batches)
+    print(f"started from {path.name}: {', '.join(copied)}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

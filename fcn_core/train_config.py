@@ -71,7 +71,7 @@ class TrainConfig:
     backbone: str = "vgg16"
     pretrained: bool = True
     init_from: Path | None = None
-    init_from_teacher: bool = False
+    init_from_deeplab: Path | None = None
     learnable_upsampling: bool = False
     at_once: bool = False
     preset: str = "modern"
@@ -143,6 +143,13 @@ def parse_args(argv: Sequence[str] | None) -> TrainConfig:
         help="start from random weights instead of the ImageNet ones",
     )
     p.add_argument("--init-from", type=Path, help="weights file of a coarser trained net (staged)")
+    p.add_argument(
+        "--init-from-deeplab",
+        type=Path,
+        metavar="TFLITE",
+        help="start from a trained DeepLabV3-MobileNetV2 TFLite file's weights (--backbone "
+        "mobilenet_v2; its classifier too where the classes match); the skips start at zero",
+    )
     p.add_argument("--learnable-upsampling", action="store_true")
     p.add_argument("--at-once", action="store_true", help="FCN-8s-at-once (scaled skips)")
     p.add_argument("--preset", default="modern", choices=list(PRESETS))
@@ -214,12 +221,6 @@ def parse_args(argv: Sequence[str] | None) -> TrainConfig:
         "--teacher-cache", type=Path, help="where the teacher's logits are kept (OUT_DIR/teacher)"
     )
     distil.add_argument("--teacher-processes", type=int, default=2)
-    distil.add_argument(
-        "--init-from-teacher",
-        action="store_true",
-        help="start from the teacher's own weights (a DeepLab-MobileNetV2 TFLite file, "
-        "--backbone mobilenet_v2); the new skips start at zero",
-    )
     distil.add_argument(
         "--confidence",
         type=float,
