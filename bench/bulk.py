@@ -35,7 +35,7 @@ from pydantic import BaseModel
 
 from .images import DEFAULT_DATA_ROOT, source_files
 from .machine import MachineInfo, default_device, describe
-from .run import RESULTS_DIR, SHIPPED_WEIGHTS, code_version, display_path, result_stem
+from .run import CAMVID_WEIGHTS, RESULTS_DIR, code_version, display_path, result_stem
 from .servers import ServerSpec, free_port, serve_all
 
 PHOTO_FOLDERS = ("voc-photos/coco", "voc-photos/imagenet-cls", "voc-photos/imagenet-det")
@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> BulkReport:
     p.add_argument("--batch-size", type=int, default=16, help="fcn-segment-bulk's (16)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (8)")
     p.add_argument("--device", default=default_device())
-    p.add_argument("--weights", type=Path, default=SHIPPED_WEIGHTS)
+    p.add_argument("--weights", type=Path, default=CAMVID_WEIGHTS)
     p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--tag", default="", help="suffix of the result file names")

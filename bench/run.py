@@ -32,7 +32,7 @@ from fcn_client.wire import IMAGE_FIELD
 from fcn_core.data.palettes import CAMVID_CLASSES, CAMVID_PALETTE, VOC_CLASSES, VOC_PALETTE
 from fcn_core.models import build_model
 from fcn_core.models.backbones import default_normalization
-from fcn_core.shipped import DEFAULT_WEIGHTS_NAME, default_weights_dir
+from fcn_core.shipped import CAMVID_WEIGHTS_NAME, default_weights_dir
 from fcn_core.weights import WeightsMetadata, read_metadata, save_weights
 
 from .http import LoadResult, Upload, closed_loop
@@ -46,7 +46,7 @@ from .servers import ServerProcess, ServerSpec, alone, free_port, serve_all
 from .targets import check_targets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_WEIGHTS = default_weights_dir() / DEFAULT_WEIGHTS_NAME
+CAMVID_WEIGHTS = default_weights_dir() / CAMVID_WEIGHTS_NAME  # the CamVid scenario's model
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 ENDPOINT = "/segment"
 UPLOAD = Upload(field=IMAGE_FIELD)  # what fcn_client sends
@@ -327,8 +327,8 @@ def run(
     log(f"fcn-bench ({plan.preset}) on {machine.device_name}, torch {machine.torch}")
     with tempfile.TemporaryDirectory(prefix="fcn-bench-") as tmp:
         tmpdir = Path(tmp)
-        if weights is None and SHIPPED_WEIGHTS.is_file():
-            weights = SHIPPED_WEIGHTS
+        if weights is None and CAMVID_WEIGHTS.is_file():
+            weights = CAMVID_WEIGHTS
         scenarios: list[ScenarioResult] = []
         memory = None
         for scenario in plan.scenarios:
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--preset", choices=["full", "quick", "smoke"], default="full")
     p.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N")
-    p.add_argument("--weights", type=Path, help=f"default: {SHIPPED_WEIGHTS.name} if present")
+    p.add_argument("--weights", type=Path, help=f"default: {CAMVID_WEIGHTS.name} if present")
     p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--tag", default="", help="suffix of the result file names")

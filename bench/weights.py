@@ -7,7 +7,7 @@ is reported (the least disturbed one). Prints a table and saves it as Markdown a
 ``bench/results/``.
 
     python -m bench.weights weights/fcn8s-lite0-camvid.safetensors \\
-        weights/fcn8s-lite0-voc.safetensors --concurrency 1 8 --requests 120 --rounds 2
+        weights/fcn8s-mnv2-voc.safetensors --concurrency 1 8 --requests 120 --rounds 2
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ for the same file (on the CPU decode path: ``FCN_DECODE_ON_DEVICE`` is the serve
     ds = ray.data.read_binary_files("photos/", include_paths=True)
     ds = ds.map_batches(
         RaySegmenter,
-        fn_constructor_kwargs={"weights": "weights/fcn8s-lite0-camvid.safetensors"},
+        fn_constructor_kwargs={"weights": "weights/fcn8s-mnv2-voc.safetensors"},
         compute=ray.data.ActorPoolStrategy(size=2),  # concurrency=2 before Ray 2.50
         num_cpus=0.5,  # on CPUs: leave Ray a CPU to read files with
         batch_size=16,

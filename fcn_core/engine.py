@@ -209,10 +209,16 @@ def train_one_epoch(
     amp: bool = False,
     desc: str | None = None,
     average: WeightAverage | None = None,
+    frozen: nn.Module | None = None,
 ) -> tuple[float, int]:
     """One pass over the loader (stopping at ``total`` iterations): (mean loss, iteration).
-    ``average``, if given (made from the model ``net`` trains), follows it after every step."""
+    ``average``, if given (made from the model ``net`` trains), follows it after every step.
+    ``frozen``: a part of the net that does not learn; it runs in evaluation mode (its batch
+    norms on their running statistics, no dropout), so it computes what it did before.
+    """
     net.train()
+    if frozen is not None:
+        frozen.eval()
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
     batches = loader
     if desc is not None and ctx.main:

@@ -20,7 +20,10 @@ buffers, batches in flight while the next is staged, and the OOM split.
 
 Padding is zeros *after* normalisation, i.e. the mean colour, at the bottom and right. That is
 exactly what the EfficientNet-Lite0 FCN does itself to reach a multiple of 32, so with
-32-pixel buckets a batched image gets the same labels as the image run alone.
+32-pixel buckets a batched image gets the same labels as the image run alone. That holds for
+the ``mobilenet_v2`` backbone too, whose DeepLab head pools the whole input, padding included:
+batches hold one bucket each, so an image is never padded beyond its own multiple of 32 (32
+more rows would change 0.17 % of its pixels, on 10 COCO photos).
 """
 
 from __future__ import annotations
@@ -429,7 +432,7 @@ class Segmenter:
 
     For callers that hold their images: ``fcn-segment --local``, bulk jobs, notebooks::
 
-        segmenter = Segmenter.from_weights("weights/fcn8s-lite0-voc.safetensors")
+        segmenter = Segmenter.from_weights("weights/fcn8s-mnv2-voc.safetensors")
         labels = segmenter.segment([rgb_a, rgb_b])  # H x W uint8 class maps
     """
 

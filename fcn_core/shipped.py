@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEFAULT_WEIGHTS_NAME = "fcn8s-lite0-camvid.safetensors"
+DEFAULT_WEIGHTS_NAME = "fcn8s-mnv2-voc.safetensors"
 """The file served when no other is configured (``weights/README.md`` says how it was made)."""
+
+CAMVID_WEIGHTS_NAME = "fcn8s-lite0-camvid.safetensors"
+"""The street-scene model shipped beside it (CamVid's 11 classes): ``fcn-bench``'s CamVid
+scenario times it, so that its figures stay comparable from run to run."""
 
 _PACKAGE = Path(__file__).resolve().parent
 _INSTALLED = _PACKAGE / "weights_data"  # only in an installed wheel: never in the repository

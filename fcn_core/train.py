@@ -273,6 +273,8 @@ def train(cfg: TrainConfig) -> Path | None:
         model = make_stage_model(cfg, arch, stage, model, num_classes)
         if stage == 0 and cfg.init_from_deeplab and not resume:
             start_from_deeplab(cfg.init_from_deeplab, cfg, model, train_ds, normalization)
+        if cfg.frozen_backbone:
+            model.backbone.requires_grad_(False)
         if resume and stage == start_stage:
             model.load_state_dict(resume["model"])
         model.to(device, memory_format=torch.channels_last)
@@ -329,6 +331,7 @@ def train(cfg: TrainConfig) -> Path | None:
                 amp=cfg.amp and device.type == "cuda",
                 desc=None if cfg.no_progress else f"{arch} epoch {epoch + 1}/{cfg.epochs}",
                 average=average,
+                frozen=model.backbone if cfg.frozen_backbone else None,
             )
             record = {
                 "stage": stage,

@@ -72,6 +72,7 @@ class TrainConfig:
     pretrained: bool = True
     init_from: Path | None = None
     init_from_deeplab: Path | None = None
+    frozen_backbone: bool = False
     learnable_upsampling: bool = False
     at_once: bool = False
     preset: str = "modern"
@@ -149,6 +150,12 @@ def parse_args(argv: Sequence[str] | None) -> TrainConfig:
         metavar="TFLITE",
         help="start from a trained DeepLabV3-MobileNetV2 TFLite file's weights (--backbone "
         "mobilenet_v2; its classifier too where the classes match); the skips start at zero",
+    )
+    p.add_argument(
+        "--frozen-backbone",
+        action="store_true",
+        help="train the score layers only; the backbone keeps its weights and runs in "
+        "evaluation mode (a trained net's skips, added the paper's staged way)",
     )
     p.add_argument("--learnable-upsampling", action="store_true")
     p.add_argument("--at-once", action="store_true", help="FCN-8s-at-once (scaled skips)")

@@ -24,7 +24,7 @@ from bench.images import WORKLOADS, workload_arrays, workload_jpegs
 from bench.model import label_agreement, model_gflop
 from bench.plan import Plan, make_plan, select_variants
 from bench.records import BenchReport
-from bench.run import SHIPPED_WEIGHTS, run, untrained_weights
+from bench.run import CAMVID_WEIGHTS, run, untrained_weights
 from bench.servers import ServerSpec, alone, free_port, group_states, serve_all
 from fcn_core.models import build_model
 from fcn_core.weights import load_weights
@@ -168,11 +168,11 @@ def test_smoke_run_writes_results_for_every_server(tmp_path: Path) -> None:
 
 
 @needs_data
-@pytest.mark.skipif(not SHIPPED_WEIGHTS.is_file(), reason="needs the trained shipped weights")
+@pytest.mark.skipif(not CAMVID_WEIGHTS.is_file(), reason="needs the trained shipped weights")
 def test_fp16_labels_agree_with_fp32_on_real_photos() -> None:
     """The issue's bar for reduced precision, on CamVid photos with the shipped weights
     (untrained weights have near-ties everywhere, so only trained ones are meaningful)."""
-    loaded = load_weights(SHIPPED_WEIGHTS)
+    loaded = load_weights(CAMVID_WEIGHTS)
     photos = workload_arrays("camvid", 6, DATA)
     result = label_agreement(loaded.model, loaded.meta.normalization, photos, "fp16")
     assert result.pixels == 6 * 480 * 360
@@ -220,7 +220,7 @@ def test_variants_can_be_chosen_by_name() -> None:
 
 
 @needs_data
-@pytest.mark.skipif(not SHIPPED_WEIGHTS.is_file(), reason="needs the trained shipped weights")
+@pytest.mark.skipif(not CAMVID_WEIGHTS.is_file(), reason="needs the trained shipped weights")
 def test_the_peers_answer_the_services_labels(tmp_path: Path) -> None:
     """The plain server and the LitServe peer give the same palette PNG labels as the model
     (max(1).indices, as the service), each through the upload it is driven with."""
@@ -234,11 +234,11 @@ def test_the_peers_answer_the_services_labels(tmp_path: Path) -> None:
     from fcn_core.export import read_photos
 
     photo = DATA / "demo-photos" / "dog.jpg"
-    loaded = load_weights(SHIPPED_WEIGHTS)
+    loaded = load_weights(CAMVID_WEIGHTS)
     x = loaded.meta.normalization(torch.from_numpy(read_photos([photo])[0]).permute(2, 0, 1)[None])
     with torch.inference_mode():
         expected = loaded.model(x).max(1).indices[0].to(torch.uint8).numpy()
-    specs = [peer_spec(name, SHIPPED_WEIGHTS, "cpu") for name in ("baseline", "litserve")]
+    specs = [peer_spec(name, CAMVID_WEIGHTS, "cpu") for name in ("baseline", "litserve")]
     with serve_all(specs, tmp_path / "logs") as running:
         for name, server in running.items():
 
@@ -264,7 +264,7 @@ def test_the_peers_answer_the_services_labels(tmp_path: Path) -> None:
 
 
 @needs_data
-@pytest.mark.skipif(not SHIPPED_WEIGHTS.is_file(), reason="needs the trained shipped weights")
+@pytest.mark.skipif(not CAMVID_WEIGHTS.is_file(), reason="needs the trained shipped weights")
 def test_the_raw_sweep_times_each_backend_and_scores_its_labels(tmp_path: Path) -> None:
     from bench.model import backend_cases, run_sweep, sweep_cases
     from fcn_core.backends import missing
@@ -273,7 +273,7 @@ def test_the_raw_sweep_times_each_backend_and_scores_its_labels(tmp_path: Path) 
     cases = sweep_cases([(96, 128)], [1], ["fp32"], [False], [False], [1])
     cases += backend_cases([(96, 128)], [1], [1], backends)
     report = run_sweep(
-        cases, device="cpu", weights=SHIPPED_WEIGHTS, iters=1, warmup=1, log=lambda _: None
+        cases, device="cpu", weights=CAMVID_WEIGHTS, iters=1, warmup=1, log=lambda _: None
     )
     assert [r.backend for r in report.results] == backends
     assert all(r.images_per_s > 0 for r in report.results)

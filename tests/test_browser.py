@@ -265,7 +265,7 @@ def test_the_model_picker_segments_with_the_chosen_model(
 ) -> None:
     """Two models (the test CamVid model and the shipped 21-class VOC one): the picker lists
     both, describes the chosen one, and its legend is that model's answer for the photo."""
-    voc = REPO / "weights" / "fcn8s-lite0-voc.safetensors"
+    voc = REPO / "weights" / "fcn8s-mnv2-voc.safetensors"
     if not PHOTO.is_file() or not voc.is_file():
         pytest.skip("needs the demo photo and the shipped VOC weights")
     exe = shutil.which("fcn-serve")
