@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from fcn_core import evaluate, train
 from fcn_core.data import SyntheticScenes
 from fcn_core.engine import WeightAverage
+from fcn_core.models import build_model
 from fcn_core.weights import read_metadata
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -123,6 +124,22 @@ def test_weight_average_follows_the_model() -> None:
     assert not any(p.requires_grad for p in average.module.parameters())
     with pytest.raises(ValueError, match="ema-decay"):
         WeightAverage(model, decay=1.0)
+
+
+def test_frozen_backbone_trains_the_score_layers_only(tmp_path: Path) -> None:
+    """``--frozen-backbone``: every backbone tensor, batch-norm statistics included, is what
+    the run started from (the same seed builds the same net); the score layers learnt."""
+    out = tmp_path / "w.safetensors"
+    args = [*LITE, "--epochs", "2", "--frozen-backbone", "--out-dir", str(tmp_path)]
+    assert run_train([*args, "--output", str(out)]) == 0
+    trained = load_file(out)
+    torch.manual_seed(3)  # as fcn-train seeds stage 0: seed + stage
+    start = build_model("fcn8s", 2, "efficientnet_lite0").state_dict()
+    backbone = [k for k in start if k.startswith("backbone.")]
+    assert len(backbone) > 100
+    for key in backbone:
+        assert torch.equal(trained[key], start[key]), key
+    assert trained["score_pool3.weight"].abs().sum() > 0  # zero at the start
 
 
 def test_training_learns_synthetic_scenes(tmp_path: Path) -> None:
