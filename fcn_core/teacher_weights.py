@@ -59,15 +59,25 @@ def read_deeplab_convs(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.
     details = interpreter.get_tensor_details()
 
     def dequantised(index: int) -> np.ndarray:
+        """Float weights as they are; quantised ones per tensor or per channel."""
         q = details[index]["quantization_parameters"]
-        raw = interpreter.get_tensor(index).astype(np.float32)
-        if len(q["scales"]) != 1:
-            raise ValueError(f"{path}: per-channel quantisation is not supported")
-        return ((raw - q["zero_points"][0]) * q["scales"][0]).astype(np.float32)
+        raw = interpreter.get_tensor(index).astype(np.float64)
+        if not len(q["scales"]):
+            return raw.astype(np.float32)
+        shape = [1] * raw.ndim
+        if len(q["scales"]) > 1:
+            shape[q["quantized_dimension"]] = len(q["scales"])
+        scales = np.asarray(q["scales"], dtype=np.float64).reshape(shape)
+        zeros = np.asarray(q["zero_points"], dtype=np.float64).reshape(shape)
+        return ((raw - zeros) * scales).astype(np.float32)
 
     convs = {}
-    # The op list is the one place the file says which weight and bias belong together.
-    for op in interpreter._get_ops_details():
+    # The op list is the one place the file says which weight and bias belong together; the
+    # interpreter offers it only under a private name (present from tflite 2.x to litert 2.3).
+    ops = getattr(interpreter, "_get_ops_details", None)
+    if ops is None:  # pragma: no cover - depends on the runtime's version
+        raise RuntimeError("this ai-edge-litert does not list a model's operators")
+    for op in ops():
         if op["op_name"] not in CONV_OPS:
             continue
         _, w_index, b_index = op["inputs"]
@@ -151,6 +161,7 @@ def init_from_deeplab(
     return copied
 
 
+@torch.no_grad()
 def measure_norms(
     model: nn.Module, norms: list[nn.BatchNorm2d], photos: Iterable[torch.Tensor]
 ) -> None:

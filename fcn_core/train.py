@@ -272,7 +272,9 @@ def train(cfg: TrainConfig) -> Path | None:
         torch.manual_seed(cfg.seed + stage)  # new layers' random init replays on resume
         model = make_stage_model(cfg, arch, stage, model, num_classes)
         if stage == 0 and cfg.init_from_deeplab and not resume:
-            start_from_deeplab(cfg.init_from_deeplab, cfg, model, train_ds, normalization)
+            copied = start_from_deeplab(cfg.init_from_deeplab, cfg, model, train_ds, normalization)
+            if ctx.main:
+                print(f"started from {cfg.init_from_deeplab.name}: {copied}", flush=True)
         if cfg.frozen_backbone:
             model.backbone.requires_grad_(False)
         if resume and stage == start_stage:
@@ -418,9 +420,10 @@ def start_from_deeplab(
     model: nn.Module,
     train_ds: Dataset,
     normalization: Normalization,
-) -> None:
+) -> str:
     """``--init-from-deeplab``: a trained DeepLab's weights, its batch norms measured on the
-    first few training crops (epoch 0's augmentation, so a resumed run does not need them)."""
+    first few training crops (epoch 0's augmentation, so a resumed run does not need them).
+    Says what was copied."""
     loader = DataLoader(
         train_ds,
         batch_size=cfg.batch_size,
@@ -428,8 +431,7 @@ def start_from_deeplab(
         collate_fn=pad_collate,
     )
     batches = (normalization(x) for x, _ in itertools.islice(loader, DEEPLAB_NORM_BATCHES))
-    copied = init_from_deeplab(model, path, batches)
-    print(f"started from {path.name}: {', '.join(copied)}", flush=True)
+    return ", ".join(init_from_deeplab(model, path, batches))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

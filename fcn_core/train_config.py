@@ -148,14 +148,17 @@ def parse_args(argv: Sequence[str] | None) -> TrainConfig:
         "--init-from-deeplab",
         type=Path,
         metavar="TFLITE",
-        help="start from a trained DeepLabV3-MobileNetV2 TFLite file's weights (--backbone "
-        "mobilenet_v2; its classifier too where the classes match); the skips start at zero",
+        help="start from the weights of a trained DeepLabV3-MobileNetV2 (depth 1.0) TFLite file, "
+        "such as the teacher's, instead of ImageNet's: needs --backbone mobilenet_v2 and the "
+        "'distill' extra; its classifier is copied where it has as many classes, the skips "
+        "start at zero",
     )
     p.add_argument(
         "--frozen-backbone",
         action="store_true",
-        help="train the score layers only; the backbone keeps its weights and runs in "
-        "evaluation mode (a trained net's skips, added the paper's staged way)",
+        help="train only score_fr and the skips' score layers: the backbone (for mobilenet_v2, "
+        "its DeepLab head too) keeps its weights and batch-norm statistics and runs in "
+        "evaluation mode; use with --init-from or --init-from-deeplab",
     )
     p.add_argument("--learnable-upsampling", action="store_true")
     p.add_argument("--at-once", action="store_true", help="FCN-8s-at-once (scaled skips)")
@@ -266,6 +269,11 @@ def parse_args(argv: Sequence[str] | None) -> TrainConfig:
         help="class names for folder data sets (else class_0, class_1, ...)",
     )
     ns = p.parse_args(argv)
+    if ns.init_from_deeplab is not None:
+        if ns.backbone != "mobilenet_v2":
+            p.error("--init-from-deeplab needs --backbone mobilenet_v2 (its layers are that net's)")
+        if ns.init_from is not None:
+            p.error("--init-from and --init-from-deeplab both start the net: give one")
     preset = PRESETS[ns.preset]
     values = vars(ns)
     for key, value in preset.items():

@@ -170,9 +170,10 @@ class Settings(BaseSettings):
         INFERENCE.bucket_multiple,
         ge=1,
         description="Images are padded to multiples of this so that different sizes batch "
-        "together. 32 is the EfficientNet-Lite0 model's own padding, so labels are exactly "
-        "those of the image run alone; for VGG16 padding shifts border pixels slightly, and 1 "
-        "batches equal sizes only.",
+        "together. 32 is the EfficientNet-Lite0 and MobileNetV2 models' own padding, so labels "
+        "are exactly those of the image run alone; for VGG16 padding shifts border pixels "
+        "slightly, a larger multiple changes some of the MobileNetV2 model's labels anywhere "
+        "(its image pooling averages the padding too), and 1 batches equal sizes only.",
     )
     codec_threads: int = Field(
         0,

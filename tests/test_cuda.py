@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.run import SHIPPED_WEIGHTS
+from bench.run import CAMVID_WEIGHTS
 from fcn_core.inference import InferenceConfig
 from fcn_core.weights import LoadedWeights, load_weights
 from service import codecs
@@ -30,7 +30,7 @@ from tests.test_device_jpeg import LIMITS, broken_scan
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-    pytest.mark.skipif(not SHIPPED_WEIGHTS.is_file(), reason="needs the shipped weights"),
+    pytest.mark.skipif(not CAMVID_WEIGHTS.is_file(), reason="needs the shipped weights"),
 ]
 CUDA = torch.device("cuda")
 
@@ -38,7 +38,7 @@ CUDA = torch.device("cuda")
 @pytest.fixture(scope="module")
 def shipped() -> LoadedWeights:
     """Trained weights: few near-ties, so agreement is a sharp test."""
-    return load_weights(SHIPPED_WEIGHTS)
+    return load_weights(CAMVID_WEIGHTS)
 
 
 def cuda_runner(loaded: LoadedWeights, **options: object) -> Runner:
@@ -122,7 +122,7 @@ def test_cuda_graphs_replay_the_eager_labels(shipped: LoadedWeights) -> None:
 def test_the_service_on_cuda_with_device_decoding(shipped: LoadedWeights) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    settings = test_settings(SHIPPED_WEIGHTS, device="cuda", decode_on_device=True)
+    settings = test_settings(CAMVID_WEIGHTS, device="cuda", decode_on_device=True)
     with run_server(create_app(settings)) as live:
         photos = [p.read_bytes() for p in demo_photos()]
 

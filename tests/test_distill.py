@@ -219,7 +219,7 @@ def test_a_tiny_distillation_run_writes_weights_that_name_their_teacher(tmp_path
 
 
 def test_a_student_started_from_its_teacher_scores_like_it_from_the_first_step(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``--init-from-deeplab`` with the teacher's own file: two tiny steps from its weights
     already score on VOC what a trained segmenter scores (a new student scores near 0)."""
@@ -244,14 +244,17 @@ def test_a_student_started_from_its_teacher_scores_like_it_from_the_first_step(
         "--output", str(out),
     ]  # fmt: skip
     assert train.main(args) == 0
+    assert "the classifier (21 classes)" in capsys.readouterr().out
     meta = read_metadata(out)
     assert meta.backbone == "mobilenet_v2"
     assert meta.metrics["mean_iu_present"] > 0.4
     # Only a depth-1.0 DeepLab-MobileNetV2 starts a student, and only over mobilenet_v2.
-    lite = [*args[:-2], "--backbone", "efficientnet_lite0", "--no-pretrained"]
-    assert train.main(lite) == 2
-    half_depth = [*args[:-2], "--init-from-deeplab", str(TEACHER)]
-    assert train.main(half_depth) == 2
+    with pytest.raises(SystemExit) as refused:
+        train.main([*args[:-2], "--backbone", "efficientnet_lite0", "--no-pretrained"])
+    assert refused.value.code == 2
+    assert "needs --backbone mobilenet_v2" in capsys.readouterr().err
+    assert train.main([*args[:-2], "--init-from-deeplab", str(TEACHER)]) == 2
+    assert "MobilenetV2/Conv: the file has (16, 3, 3, 3)" in capsys.readouterr().err
 
 
 def test_photos_from_several_folders_are_labelled_once_each_under_their_own_names(

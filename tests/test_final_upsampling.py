@@ -13,7 +13,7 @@ from torch import nn
 from fcn_core.final_upsampling import FinalUpsampling, served_network
 from fcn_core.inference import InferenceConfig, Segmenter
 from fcn_core.models import CoarseScores, build_model
-from fcn_core.shipped import default_weights_dir
+from fcn_core.shipped import CAMVID_WEIGHTS_NAME, DEFAULT_WEIGHTS_NAME, default_weights_dir
 from fcn_core.weights import load_weights
 from tests.conftest import DEMO_PHOTOS
 
@@ -36,7 +36,7 @@ def full_upsampling(model: nn.Module, scores: torch.Tensor, size: tuple[int, int
         return model.final_upsampling(scores)[..., o : o + h, o : o + w]
 
 
-@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "vgg16"])
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "mobilenet_v2", "vgg16"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_labels_equal_the_full_upsamplings_first_maximum(arch: str, backbone: str) -> None:
     model = build_model(arch, 6, backbone).eval()
@@ -80,13 +80,16 @@ def test_only_a_frozen_bilinear_final_layer_is_finished_from_coarse_scores() -> 
         assert torch.equal(served(x), frozen.coarse_scores(x))
 
 
+@pytest.mark.parametrize("name", [DEFAULT_WEIGHTS_NAME, CAMVID_WEIGHTS_NAME])
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 def test_the_cpu_serves_the_coarse_network_with_the_labels_of_the_full_one(
-    backend: str, tmp_path
+    backend: str, name: str, tmp_path
 ) -> None:
+    """Both shipped models (the VOC default over MobileNetV2, CamVid over Lite0), as the
+    CPU serves them, against their full PyTorch network."""
     if backend == "onnxruntime":
         pytest.importorskip("onnxruntime")
-    weights = default_weights_dir() / "fcn8s-lite0-camvid.safetensors"
+    weights = default_weights_dir() / name
     loaded = load_weights(weights)
     config = InferenceConfig(device="cpu", backend=backend, cache_dir=str(tmp_path))
     segmenter = Segmenter.from_weights(weights, config)

@@ -146,16 +146,23 @@ def test_mobilenet_v2_taps_and_deeplab_head() -> None:
     """Taps at strides 8 / 16 / 32 with the contract's channels; the top is DeepLabV3's head,
     whose image-pooling branch is the same at every position (the global mean's answer)."""
     net = build_model("fcn8s", 21, MOBILE).backbone.eval()
+    x = torch.randn(2, 3, 96, 128)
     with torch.no_grad():
-        pool3, pool4, top = net(torch.randn(2, 3, 96, 128))
-        pooled = net.image_pooling(net.features(torch.randn(1, 3, 64, 64)).mean((2, 3), True))
+        pool3, pool4, top = net(x)
+        pooled = net.image_pooling(net.features(x).mean((2, 3), True))
+        # with the 1x1 branch silenced, what is left is the pooled branch: one vector per image
+        net.aspp0[0].weight.zero_()
+        net.aspp0[1].bias.fill_(-1e3)
+        _, _, pooled_only = net(x)
     assert [t.shape[1:] for t in (pool3, pool4, top)] == [
         (32, 12, 16),
         (96, 6, 8),
         (256, 3, 4),
     ]
     assert net.channels == (32, 96, 256)
-    assert pooled.shape == (1, 256, 1, 1)
+    assert pooled.shape == (2, 256, 1, 1)
+    assert torch.equal(pooled_only, pooled_only[..., :1, :1].expand_as(pooled_only))
+    assert not torch.equal(pooled_only[0], pooled_only[1])
     assert sum(p.numel() for p in build_model("fcn8s", 21, MOBILE).parameters()) < 2_500_000
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from fcn_client.bulk import BulkSegmenter
 from fcn_core.inference import InferenceConfig, Segmenter
-from fcn_core.shipped import DEFAULT_WEIGHTS_NAME, default_weights_dir
+from fcn_core.shipped import CAMVID_WEIGHTS_NAME, DEFAULT_WEIGHTS_NAME, default_weights_dir
 from fcn_core.tiling import TileBlender, TilePolicy, plan_tiles, ramp, tile_starts
 from fcn_core.weights import LoadedWeights, load_weights
 from tests.conftest import (
@@ -125,32 +125,37 @@ def test_tile_policy_decides_from_the_mode() -> None:
 # -- quality on real photos, shipped weights --------------------------------------------------
 
 
-Stitched = tuple[np.ndarray, np.ndarray, np.ndarray, TilePolicy]
+Stitched = tuple[np.ndarray, np.ndarray, np.ndarray, TilePolicy, str]
 
 
-@pytest.fixture(scope="module")
-def stitched() -> Stitched:
-    """(image, whole-pass labels, tiled labels, policy) for a 2560 x 1920 mosaic: 2 x 2 tiles
-    of the default size."""
-    weights = default_weights_dir() / DEFAULT_WEIGHTS_NAME
+# Each shipped model, with the share of pixels where its tiled map must equal one whole pass:
+# the VOC default's DeepLab head pools each tile's own mean, so its tiles see less context.
+TILED_AGREEMENT = {DEFAULT_WEIGHTS_NAME: 0.98, CAMVID_WEIGHTS_NAME: 0.99}
+
+
+@pytest.fixture(scope="module", params=sorted(TILED_AGREEMENT))
+def stitched(request: pytest.FixtureRequest) -> Stitched:
+    """(image, whole-pass labels, tiled labels, policy, weights file name) for a 2560 x 1920
+    mosaic: 2 x 2 tiles of the default size."""
+    weights = default_weights_dir() / request.param
     segmenter = Segmenter.from_weights(weights, InferenceConfig(backend="torch"))
     image = mosaic(3, 4, cell=(640, 640))
     policy = TilePolicy("on")
     whole = segmenter.segment([image])[0]
     tiled = segmenter.segment_tiled(image, policy)
-    return image, whole, tiled, policy
+    return image, whole, tiled, policy, request.param
 
 
 def test_tiled_labels_agree_with_one_whole_image_pass(stitched: Stitched) -> None:
-    _, whole, tiled, _ = stitched
+    _, whole, tiled, _, name = stitched
     agreement = float((whole == tiled).mean())
-    assert agreement >= 0.99, agreement
+    assert agreement >= TILED_AGREEMENT[name], agreement
 
 
 def test_no_seam_along_tile_edges(stitched: Stitched) -> None:
     """Label changes across each line where a tile starts or ends are no more frequent in
     the tiled map than in the whole-image map along the same line (a seam would add them)."""
-    image, whole, tiled, policy = stitched
+    image, whole, tiled, policy, _ = stitched
     h, w = image.shape[:2]
     cols = {x for s in tile_starts(w, policy.size, policy.overlap) for x in (s, s + policy.size)}
     rows = {y for s in tile_starts(h, policy.size, policy.overlap) for y in (s, s + policy.size)}

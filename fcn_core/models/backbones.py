@@ -277,5 +277,6 @@ def build_backbone(name: str, pretrained: bool = False) -> nn.Module:
 
 
 def default_normalization(name: str) -> Normalization:
-    """The preprocessing the backbone's ImageNet weights were trained with."""
+    """The preprocessing the backbone's pretrained weights expect (ImageNet's, or for
+    ``mobilenet_v2`` the TF model zoo's DeepLab)."""
     return backbone_class(name).normalization  # type: ignore[attr-defined]
