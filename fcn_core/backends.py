@@ -135,8 +135,15 @@ class OpenVinoNetwork:
         import openvino as ov
 
         core = ov.Core()
-        model = core.read_model(str(onnx_path))
         hint = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[precision]
+        capable = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if precision != "fp32" and precision.upper() not in capable:
+            # OpenVINO would quietly run f32 while the service reported the precision asked
+            raise ValueError(
+                f"precision {precision}: this CPU cannot run it in OpenVINO "
+                f"(its capabilities: {', '.join(capable)}); use fp32"
+            )
+        model = core.read_model(str(onnx_path))
         common = {"INFERENCE_PRECISION_HINT": hint}
         self._pool = core.compile_model(
             model,

@@ -151,9 +151,20 @@ def test_the_service_serves_with_the_backend_and_reports_it(
 
 
 def test_openvino_runs_bf16_only_when_asked(loaded: LoadedWeights, cache: Path) -> None:
+    """On a CPU with bf16, asked for it, OpenVINO runs it; on one without (no AVX-512 BF16
+    nor AMX), the request is refused rather than quietly run in f32; never unasked."""
     if backends.missing("openvino"):
         pytest.skip("openvino is not installed")
+    import openvino as ov
+
     config = dataclasses.replace(_config("openvino", cache), precision="bf16")
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        with pytest.raises(ValueError, match="precision bf16: this CPU cannot run it"):
+            Segmenter(loaded.model, loaded.meta.normalization, config, loaded.meta)
+        default = Segmenter.from_weights(WEIGHTS, _config("openvino", cache))
+        hint = default.predictor._net._pool.get_property("INFERENCE_PRECISION_HINT")  # type: ignore[attr-defined]
+        assert "float32" in str(hint)
+        return
     asked = Segmenter(loaded.model, loaded.meta.normalization, config, loaded.meta)
     default = Segmenter.from_weights(WEIGHTS, _config("openvino", cache))
     assert (asked.predictor.precision, default.predictor.precision) == ("bf16", "fp32")
