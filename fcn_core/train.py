@@ -298,7 +298,13 @@ def train(cfg: TrainConfig) -> Path | None:
                 if "average" not in resume:
                     raise ValueError(f"{cfg.resume} has no weight average: resume without it")
                 average.load_state_dict(resume["average"])
-            opt.load_state_dict(resume["optimizer"])
+            try:
+                opt.load_state_dict(resume["optimizer"])
+            except ValueError as exc:
+                raise ValueError(
+                    f"{cfg.resume}: its optimizer trained other parameters than this run "
+                    "would (resume with the same --frozen-backbone and architecture)"
+                ) from exc
             sched.load_state_dict(resume["scheduler"])
             first_epoch, iteration = resume["epoch"] + 1, resume["iteration"]
             best = Best(resume["best"], resume.get("best_model"))

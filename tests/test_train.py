@@ -142,6 +142,16 @@ def test_frozen_backbone_trains_the_score_layers_only(tmp_path: Path) -> None:
     assert trained["score_pool3.weight"].abs().sum() > 0  # zero at the start
 
 
+def test_resuming_with_another_frozen_backbone_setting_is_refused_clearly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [*LITE, "--epochs", "2", "--out-dir", str(tmp_path)]
+    assert run_train([*args, "--stop-after-epochs", "1"]) == 0
+    resumed = [*args, "--frozen-backbone", "--resume", str(tmp_path / "last.pt")]
+    assert run_train(resumed) == 2
+    assert "resume with the same --frozen-backbone" in capsys.readouterr().err
+
+
 def test_training_learns_synthetic_scenes(tmp_path: Path) -> None:
     out = tmp_path / "w.safetensors"
     assert (
