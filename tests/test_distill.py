@@ -179,29 +179,37 @@ def test_loss_ignores_unsure_pixels_and_pixels_past_the_photo() -> None:
     assert empty.item() == 0.0
 
 
-def test_a_tiny_distillation_run_writes_weights_that_name_their_teacher(tmp_path: Path) -> None:
-    out = tmp_path / "student.safetensors"
-    args = [
-        "--teacher", str(TEACHER),
+def tiny_run(tmp_path: Path, out: Path) -> list[str]:
+    """What every tiny distillation run here shares: voc-tiny's photos and masks, two steps,
+    one process; ``--output out`` last, so that ``[:-2]`` drops it."""
+    return [
         "--photos", str(VOC_TINY / "JPEGImages"),
         "--dataset", "voc",
         "--data-root", str(VOC_TINY),
-        "--backbone", "efficientnet_lite0",
-        "--no-pretrained",
         "--epochs", "1",
         "--max-iters", "2",
-        "--batch-size", "4",
-        "--crop", "96", "96",
         "--num-workers", "0",
         "--teacher-processes", "1",
-        "--kd-weight", "0.5",
-        "--temperature", "2",
-        "--teacher-note", "Apache-2.0",
-        "--also-eval", f"voc/val={VOC_TINY}",
         "--classes", "voc",
         "--no-progress",
         "--out-dir", str(tmp_path / "run"),
         "--output", str(out),
+    ]  # fmt: skip
+
+
+def test_a_tiny_distillation_run_writes_weights_that_name_their_teacher(tmp_path: Path) -> None:
+    out = tmp_path / "student.safetensors"
+    args = [
+        "--teacher", str(TEACHER),
+        "--backbone", "efficientnet_lite0",
+        "--no-pretrained",
+        "--batch-size", "4",
+        "--crop", "96", "96",
+        "--kd-weight", "0.5",
+        "--temperature", "2",
+        "--teacher-note", "Apache-2.0",
+        "--also-eval", f"voc/val={VOC_TINY}",
+        *tiny_run(tmp_path, out),
     ]  # fmt: skip
     assert train.main(args) == 0
     meta = read_metadata(out)
@@ -227,21 +235,11 @@ def test_a_student_started_from_its_teacher_scores_like_it_from_the_first_step(
     args = [
         "--teacher", str(FULL_TEACHER),
         "--init-from-deeplab", str(FULL_TEACHER),
-        "--photos", str(VOC_TINY / "JPEGImages"),
-        "--dataset", "voc",
-        "--data-root", str(VOC_TINY),
         "--backbone", "mobilenet_v2",
-        "--epochs", "1",
-        "--max-iters", "2",
         "--batch-size", "2",
         "--crop", "128", "128",
         "--lr", "1e-5",
-        "--num-workers", "0",
-        "--teacher-processes", "1",
-        "--classes", "voc",
-        "--no-progress",
-        "--out-dir", str(tmp_path / "run"),
-        "--output", str(out),
+        *tiny_run(tmp_path, out),
     ]  # fmt: skip
     assert train.main(args) == 0
     assert "the classifier (21 classes)" in capsys.readouterr().out

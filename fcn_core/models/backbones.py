@@ -204,15 +204,6 @@ class EfficientNetLite0(nn.Module):
         return taps[2], taps[4], top
 
 
-def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
-    """1x1 convolution, batch norm, ReLU: a branch of DeepLabV3's head."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 1, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
-
-
 class MobileNetV2DeepLab(nn.Module):
     """MobileNetV2 (torchvision's, output stride 32) with the mobile DeepLabV3 head on top.
 
@@ -234,12 +225,13 @@ class MobileNetV2DeepLab(nn.Module):
     def __init__(self, pretrained: bool = False, dropout: float = 0.1) -> None:
         super().__init__()
         from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
+        from torchvision.ops import Conv2dNormActivation as ConvBNAct  # conv, norm, activation
 
         weights = MobileNet_V2_Weights.IMAGENET1K_V1 if pretrained else None
         self.features = mobilenet_v2(weights=weights).features[:18]  # no 1280-ch conv
-        self.aspp0 = conv_bn_relu(320, 256)
-        self.image_pooling = conv_bn_relu(320, 256)
-        self.concat_projection = conv_bn_relu(512, 256)
+        self.aspp0 = ConvBNAct(320, 256, 1, activation_layer=nn.ReLU)
+        self.image_pooling = ConvBNAct(320, 256, 1, activation_layer=nn.ReLU)
+        self.concat_projection = ConvBNAct(512, 256, 1, activation_layer=nn.ReLU)
         self.drop = nn.Dropout2d(dropout)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
