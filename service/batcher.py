@@ -3,6 +3,9 @@
 Policy (all of it configuration):
 - A request's wait for batch-mates is timed from its *arrival*, so time spent queued behind a
   running batch counts; a request that already waited its delay is dispatched at once.
+- Batch-mates are waited for only while some are on their way: requests that hold an
+  :class:`Upcoming` (being read or decoded) and have not submitted yet. With none, a queued
+  image goes at once: a lone client does not pay the delay for company that is not coming.
 - A batch holds one size bucket (padded sizes, multiples of 32), up to ``max_batch_size``
   images and ``max_batch_pixels`` padded pixels, and one kind of output: label maps, or
   the class scores of tiles (``fcn_core.tiling``) that the request then blends; the
@@ -29,7 +32,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -100,6 +103,15 @@ def _settle(future: asyncio.Future, result: JobResult | BaseException) -> None:
         future.set_result(result)
 
 
+class Upcoming:
+    """A request on its way to a batcher's queue (its images being read or decoded): while it
+    has not submitted, queued images may wait for it. Taken with
+    :meth:`DynamicBatcher.upcoming`, spent by :meth:`DynamicBatcher.submit`."""
+
+    def __init__(self) -> None:
+        self.pending = True
+
+
 @dataclass(frozen=True)
 class QueuePolicy:
     """The queue's knobs (the server's settings document each and take these defaults)."""
@@ -136,6 +148,7 @@ class DynamicBatcher:
         self.max_queue_size = max_queue_size
         self.bucket_multiple = bucket_multiple
         self._queue: list[Job] = []
+        self._upcoming = 0  # Upcoming tokens not yet spent
         self._cond = threading.Condition()
         self._accepting = False
         self._stopping = False
@@ -177,14 +190,48 @@ class DynamicBatcher:
         """Images of this bucket per batch: the size limit, cut by the pixel budget."""
         return batch_capacity(bucket, self.max_batch_size, self.max_batch_pixels)
 
+    @contextlib.contextmanager
+    def upcoming(self) -> Iterator[Upcoming]:
+        """Announce a request that will submit images here (hold it from before the request
+        reads its body until it submits); a request that ends without submitting (bad input,
+        client gone) is withdrawn when the block exits."""
+        token = Upcoming()
+        with self._cond:
+            self._upcoming += 1
+        try:
+            yield token
+        finally:
+            self.withdraw(token)
+
+    def withdraw(self, upcoming: Upcoming | None) -> None:
+        """The request of ``upcoming`` will submit nothing more worth waiting for (repeating
+        this, or calling it after the submit, is harmless)."""
+        with self._cond:
+            if self._spend(upcoming):
+                self._cond.notify_all()  # queued images need no longer wait for it
+
+    def _spend(self, token: Upcoming | None) -> bool:
+        """(Under the lock) the request of ``token`` is no longer on its way."""
+        if token is None or not token.pending:
+            return False
+        token.pending = False
+        self._upcoming -= 1
+        return True
+
     def submit(
-        self, images: Sequence[ModelInput], deadline: float, scores: bool = False
+        self,
+        images: Sequence[ModelInput],
+        deadline: float,
+        scores: bool = False,
+        upcoming: Upcoming | None = None,
     ) -> list[Job]:
         """Queue all of the images or none of them (a request is answered whole).
 
         The batching delay and the queue wait are timed from now, the jobs' arrival in the
         queue; ``deadline`` (monotonic) is the request's own, counted from its arrival at
         the server. With ``scores`` (tiles) the jobs' results are class scores, not labels.
+        ``upcoming``, the request's announcement, is spent as its images join the queue (in
+        one step, so the worker never sees the request neither coming nor queued).
         """
         loop = asyncio.get_running_loop()
         arrival = time.monotonic()
@@ -205,6 +252,7 @@ class DynamicBatcher:
                 raise ShuttingDown()
             if len(self._queue) + len(jobs) > self.max_queue_size:
                 raise QueueFull(self._retry_after(len(self._queue)))
+            self._spend(upcoming)
             self._queue.extend(jobs)
             self._metrics.queue_depth.set(len(self._queue))
             self._cond.notify_all()
@@ -293,7 +341,7 @@ class DynamicBatcher:
         first = groups[oldest.group]
         cap = self.capacity(oldest.bucket)
         due = oldest.arrival + self.max_queue_delay_s
-        if len(first) >= cap or now >= due or not self._accepting:
+        if len(first) >= cap or now >= due or not self._accepting or not self._upcoming:
             return first[:cap], 0.0
         for (bucket, _), jobs in groups.items():
             if len(jobs) >= self.capacity(bucket):

@@ -1,8 +1,8 @@
 """The typed dependencies the routes share: the service state, the request's context, the
 model a request names, the API-key check, and the error responses protected routes document.
 
-``Annotated`` aliases (``State``, ``Context``, ``Served``, ``Tiling``) so a route states what
-it needs in its signature; ``Served`` reads ``?model=`` and ``Tiling`` ``?tile=``.
+``Annotated`` aliases (``State``, ``Context``, ``Served``, ``Arriving``, ``Tiling``) so a route
+states what it needs in its signature; ``Served`` reads ``?model=`` and ``Tiling`` ``?tile=``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from fastapi import Depends, Query, Request
 
 from fcn_client.wire import AUTHORIZATION
 from fcn_core.tiling import TileMode, TilePolicy
+from service.batcher import Upcoming
 from service.context import RequestContext, request_context
 from service.errors import ServiceError, unavailable
 from service.repository import ServedModel
@@ -48,6 +49,16 @@ def served_model(
 
 
 Served = Annotated[ServedModel, Depends(served_model)]
+
+
+def upcoming_request(served: Served) -> Iterator[Upcoming]:
+    """This request announced to its model's batcher from before its body is read, so that
+    images already queued wait for it (up to the batching delay), and only while it comes."""
+    with served.batcher.upcoming() as upcoming:
+        yield upcoming
+
+
+Arriving = Annotated[Upcoming, Depends(upcoming_request)]
 
 
 def tile_policy(

@@ -103,7 +103,8 @@ class Settings(BaseSettings):
         QUEUE.max_queue_delay_ms,
         ge=0,
         description="Longest an image waits for batch-mates, timed from its arrival in the "
-        "queue (time spent behind a running batch counts).",
+        "queue (time spent behind a running batch counts); it waits only while other requests "
+        "for its model are on their way (being read or decoded).",
     )
     max_queue_size: int = Field(
         QUEUE.max_queue_size,

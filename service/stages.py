@@ -34,6 +34,7 @@ from service.batcher import (
     JobResult,
     QueueFull,
     ShuttingDown,
+    Upcoming,
 )
 from service.context import RequestContext
 from service.repository import ServedModel
@@ -110,10 +111,11 @@ async def predict(
     ctx: RequestContext,
     images: Sequence[Image],
     tiling: TilePolicy,
+    upcoming: Upcoming | None,
 ) -> list[np.ndarray]:
     """The label maps of ``images`` (at the size the model saw them) by ``served``, in order:
     images that ``tiling`` cuts into tiles one after another, after the others, which batch
-    as usual."""
+    as usual. ``upcoming``: the request's announcement to ``served``'s batcher (spent here)."""
     ready, why = state.readiness()
     if not ready:
         # Refused as a stopping batcher refuses: 503 with Retry-After (see errors.py).
@@ -124,7 +126,11 @@ async def predict(
         tiling.tiles(*image.model_input.shape[:2], state.settings.max_side) for image in images
     ]
     whole = [image.model_input for image, t in zip(images, tiled, strict=True) if not t]
-    results = await submit_and_wait(request, served.batcher, whole, deadline) if whole else []
+    if not whole:  # tiles only: they batch among themselves, nobody need wait for them
+        served.batcher.withdraw(upcoming)
+    results = (
+        await submit_and_wait(request, served.batcher, whole, deadline, upcoming) if whole else []
+    )
     labels = iter(r.labels for r in results)
     # The request waited for its slowest image: batch-mates share their batch's figures.
     times = [(max(r.queue_s for r in results), max(r.infer_s for r in results))] if results else []
@@ -145,10 +151,16 @@ async def predict(
 
 
 async def submit_and_wait(
-    request: Request, batcher: DynamicBatcher, images: Sequence[ModelInput], deadline: float
+    request: Request,
+    batcher: DynamicBatcher,
+    images: Sequence[ModelInput],
+    deadline: float,
+    upcoming: Upcoming | None = None,
 ) -> list[JobResult]:
-    """Submit ``images`` to ``batcher`` and wait for all of their label maps."""
-    return await results_of(request, batcher, batcher.submit(images, deadline), deadline)
+    """Submit ``images`` to ``batcher`` (spending the request's ``upcoming``) and wait for all
+    of their label maps."""
+    jobs = batcher.submit(images, deadline, upcoming=upcoming)
+    return await results_of(request, batcher, jobs, deadline)
 
 
 async def results_of(

@@ -1,12 +1,13 @@
 """service/batcher.py: concurrent requests share forward passes (read back from /metrics),
-sizes share buckets and stay exact, the batching delay is timed from arrival, the queue is
-bounded; and the launch/wait pipeline: the next batch is launched while the previous one is
+sizes share buckets and stay exact, the batching delay is timed from arrival and paid only
+while another request is on its way, the queue is bounded; and the launch/wait pipeline: the next batch is launched while the previous one is
 still on the device, answers keep their order, at most ``pipeline_depth`` batches are in
 flight, and a failed batch fails only its own requests."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fcn_client.sdk import parse_server_timing
+from fcn_client.wire import SERVER_TIMING
 from fcn_core.weights import LoadedWeights, load_weights
 from service.batcher import DynamicBatcher, Job, QueueFull
 from service.metrics import Metrics
@@ -73,6 +76,31 @@ def test_concurrent_requests_are_batched_and_exact(
     assert ok == len(images)
 
 
+def test_over_http_a_lone_request_does_not_pay_the_delay_and_a_burst_still_batches(
+    serve: ServeFactory, reference: LoadedWeights, service_weights: Path
+) -> None:
+    # A 1.5 s batching delay: a lone request, on /segment and on /v2 infer, is not held for
+    # it (its route announced it, and it spent the announcement as it queued); concurrent
+    # requests, each announced while the others queue, still share forward passes.
+    model = InstrumentedModel(load_weights(service_weights).model, delay_s=0.05)
+    live = serve(
+        model=model, meta=reference.meta, max_queue_delay_ms=1500, max_batch_size=8, cpu_workers=1
+    )
+    png = encode(Image.fromarray(random_rgb(40, 40, seed=1)), "PNG")
+    lone = live.client.post("/segment", content=png, headers={"Content-Type": "image/png"})
+    assert lone.status_code == 200, lone.text
+    assert parse_server_timing(lone.headers[SERVER_TIMING])["queue"] < 500, lone.headers
+    name = live.client.get("/v1/model").json()["name"]
+    body = {"inputs": [{"name": "PIXELS", "shape": [1, 2, 3, 3], "datatype": "UINT8",
+                        "data": [0] * 18}]}  # fmt: skip
+    v2 = live.client.post(f"/v2/models/{name}/infer", json=body)
+    assert v2.status_code == 200, v2.text
+    assert parse_server_timing(v2.headers[SERVER_TIMING])["queue"] < 500, v2.headers
+    responses = burst(live, [png] * 12, workers=12)
+    assert all(r.status_code == 200 for r in responses)
+    assert max(n for n, _ in model.calls) > 1, model.calls
+
+
 def run_batcher(
     predict_fn: Callable[[Sequence[np.ndarray], bool], Prediction],
     jobs_plan: Sequence[tuple[float, tuple[int, int]]],
@@ -80,19 +108,24 @@ def run_batcher(
     **options: object,
 ) -> list[tuple[Job, object]]:
     """Submit images of the given (h, w) at the given offsets (s), the i-th wanting scores
-    if ``scores[i]``; returns (job, result)."""
+    if ``scores[i]``; returns (job, result). Every request is announced (``upcoming``) at
+    the start, as requests being read and decoded are, and spent by its submit."""
 
     async def main() -> list[tuple[Job, object]]:
         batcher = DynamicBatcher(predict_fn, Metrics().for_model("m"), **options)  # type: ignore[arg-type]
         batcher.start()
         submitted: list[Job] = []
-        start = time.monotonic()
-        for i, (at, (h, w)) in enumerate(jobs_plan):
-            await asyncio.sleep(max(0.0, start + at - time.monotonic()))
-            tile = i < len(scores) and scores[i]
-            image = np.zeros((h, w, 3), np.uint8)
-            (job,) = batcher.submit([image], time.monotonic() + 30, scores=tile)
-            submitted.append(job)
+        with contextlib.ExitStack() as stack:
+            tokens = [stack.enter_context(batcher.upcoming()) for _ in jobs_plan]
+            start = time.monotonic()
+            for i, (at, (h, w)) in enumerate(jobs_plan):
+                await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+                tile = i < len(scores) and scores[i]
+                image = np.zeros((h, w, 3), np.uint8)
+                (job,) = batcher.submit(
+                    [image], time.monotonic() + 30, scores=tile, upcoming=tokens[i]
+                )
+                submitted.append(job)
         results = await asyncio.gather(*(j.future for j in submitted), return_exceptions=True)
         await asyncio.to_thread(batcher.stop, 5.0)
         return list(zip(submitted, results, strict=True))
@@ -144,11 +177,47 @@ def test_tiles_batch_with_tiles_only() -> None:
     assert all(not isinstance(result, BaseException) for _, result in results)
 
 
-def test_a_lone_request_waits_its_delay_then_runs() -> None:
+def test_a_lone_request_goes_at_once_when_nobody_else_is_coming() -> None:
+    # Announced, then submitted: nothing else is on its way, so the 500 ms delay is not paid.
     recorder = Recorder()
-    ((_job, result),) = run_batcher(recorder, [(0.0, (40, 40))], max_queue_delay_ms=200)
-    assert 0.19 < result.queue_s < 0.6
+    ((_job, result),) = run_batcher(recorder, [(0.0, (40, 40))], max_queue_delay_ms=500)
+    assert result.queue_s < 0.1, result.queue_s
     assert recorder.batches == [[(40, 40)]]
+
+
+def test_a_request_waits_for_one_on_its_way_up_to_its_delay() -> None:
+    # Two announced, one submits at 0 and the other at 0.15 s: they share a batch (the first
+    # waited for the second). With the second late past the 0.3 s delay, the first goes alone
+    # after its delay.
+    recorder = Recorder()
+    results = run_batcher(recorder, [(0.0, (40, 40)), (0.15, (40, 40))], max_queue_delay_ms=300)
+    assert recorder.batches == [[(40, 40)] * 2]
+    assert 0.1 < results[0][1].queue_s < 0.28, results[0][1].queue_s
+    recorder = Recorder()
+    results = run_batcher(recorder, [(0.0, (40, 40)), (0.6, (40, 40))], max_queue_delay_ms=300)
+    assert recorder.batches == [[(40, 40)], [(40, 40)]]
+    assert 0.29 < results[0][1].queue_s < 0.55, results[0][1].queue_s
+
+
+def test_a_request_that_never_submits_stops_the_wait_when_it_ends() -> None:
+    # The second announced request ends 0.15 s in without submitting (its image was bad, its
+    # client left): the queued one goes then, not at its 1 s delay.
+    async def main() -> float:
+        recorder = Recorder()
+        batcher = DynamicBatcher(recorder, Metrics().for_model("m"), max_queue_delay_ms=1000)
+        batcher.start()
+        with batcher.upcoming() as first:
+            with batcher.upcoming():
+                (job,) = batcher.submit(
+                    [np.zeros((8, 8, 3), np.uint8)], time.monotonic() + 30, upcoming=first
+                )
+                await asyncio.sleep(0.15)
+            result = await job.future
+        await asyncio.to_thread(batcher.stop, 5.0)
+        return result.queue_s
+
+    queue_s = asyncio.run(main())
+    assert 0.14 < queue_s < 0.5, queue_s
 
 
 def test_batches_hold_one_bucket_within_the_size_and_pixel_budgets() -> None:
@@ -182,11 +251,12 @@ def test_queue_is_bounded_and_all_or_nothing() -> None:
             Recorder([0.5]), Metrics().for_model("m"), max_queue_size=3, max_queue_delay_ms=1000
         )
         batcher.start()
-        first = batcher.submit([np.zeros((8, 8, 3), np.uint8)] * 2, time.monotonic() + 30)
-        with pytest.raises(QueueFull) as caught:
-            batcher.submit([np.zeros((8, 8, 3), np.uint8)] * 2, time.monotonic() + 30)
-        assert caught.value.retry_after_s >= 1
-        last = batcher.submit([np.zeros((8, 8, 3), np.uint8)], time.monotonic() + 30)
+        with batcher.upcoming():  # a request on its way: the queued images wait (1 s) for it
+            first = batcher.submit([np.zeros((8, 8, 3), np.uint8)] * 2, time.monotonic() + 30)
+            with pytest.raises(QueueFull) as caught:
+                batcher.submit([np.zeros((8, 8, 3), np.uint8)] * 2, time.monotonic() + 30)
+            assert caught.value.retry_after_s >= 1
+            last = batcher.submit([np.zeros((8, 8, 3), np.uint8)], time.monotonic() + 30)
         await asyncio.gather(*(j.future for j in first + last))
         await asyncio.to_thread(batcher.stop, 5.0)
 

@@ -19,7 +19,7 @@ from fcn_client.wire import (
     ImageFormat,
     Output,
 )
-from service.deps import PROTECTED, Context, Served, State, Tiling
+from service.deps import PROTECTED, Arriving, Context, Served, State, Tiling
 from service.repository import ServedModel
 from service.schemas import BatchSegmentation
 from service.stages import decode, encode, predict, render, segmentation
@@ -51,6 +51,7 @@ async def segment(
     state: State,
     ctx: Context,
     served: Served,
+    arriving: Arriving,
     tiling: Tiling,
     output: Annotated[Output, Query(description="labels | overlay | json")] = Output.labels,
     fmt: Annotated[
@@ -64,7 +65,7 @@ async def segment(
     with ctx.timed("read"):
         (blob,) = await read_images(request, IMAGE_FIELD, 1, state.settings.max_body_bytes)
     (image,) = await decode(state, ctx, [blob], output is Output.overlay, tiling)
-    (labels,) = await predict(request, state, served, ctx, [image], tiling)
+    (labels,) = await predict(request, state, served, ctx, [image], tiling, arriving)
     meta = served.meta
     (response,) = await encode(state, ctx, render, [(image, labels, meta, output, fmt, alpha)])
     response.headers.update(model_headers(served))
@@ -78,6 +79,7 @@ async def segment_batch(
     state: State,
     ctx: Context,
     served: Served,
+    arriving: Arriving,
     tiling: Tiling,
 ) -> BatchSegmentation:
     """Segment several images, sent as repeated multipart fields `images`, with the model
@@ -86,7 +88,7 @@ async def segment_batch(
     with ctx.timed("read"):
         blobs = await read_images(request, IMAGES_FIELD, s.max_images_per_request, s.max_body_bytes)
     images = await decode(state, ctx, blobs, False, tiling)
-    labels = await predict(request, state, served, ctx, images, tiling)
+    labels = await predict(request, state, served, ctx, images, tiling, arriving)
     results = await encode(
         state,
         ctx,

@@ -88,7 +88,7 @@ async def infer(
     request: Request, state: State, ctx: Context, name: str, version: str | None = None
 ) -> Response:
     s = state.settings
-    with state.repository.lease(name) as served:
+    with state.repository.lease(name) as served, served.batcher.upcoming() as arriving:
         check_version(served, version)  # the leased model's, not a newer one's
         with ctx.timed("read"):
             body = await read_body(request, s.max_body_bytes)
@@ -103,7 +103,7 @@ async def infer(
             images = await decode(state, ctx, items, False, tiling)  # type: ignore[arg-type]
         else:
             images = await decode_pixels(state, ctx, items, tiling)  # type: ignore[arg-type]
-        labels = await predict(request, state, served, ctx, images, tiling)
+        labels = await predict(request, state, served, ctx, images, tiling, arriving)
         full = await encode(
             state,
             ctx,
