@@ -65,3 +65,7 @@ def test_the_camvid_model_stays_servable() -> None:
     camvid = Segmenter.from_weights(CAMVID, InferenceConfig(device="cpu"))
     assert camvid.meta is not None and camvid.meta.class_names == CAMVID_CLASSES
     assert {"road", "car"} <= set(shares(camvid, "dog.jpg"))
+    meta = read_metadata(CAMVID)
+    # Trained on the train split alone, so its validation figure is a held-out one.
+    assert meta.dataset.startswith("camvid/train") and meta.metrics_split.startswith("camvid/val")
+    assert meta.metrics["mean_iu"] >= 0.68  # the target for the CamVid model
